@@ -1,0 +1,1 @@
+"""The `cmoe` command line."""

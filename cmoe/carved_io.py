@@ -1,0 +1,85 @@
+"""Saving and reloading carved models: a Hugging Face directory with its own modeling code."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmoe import configuration_cmoe, modeling_cmoe
+from cmoe.artifacts import write_json
+from cmoe.errors import CmoeError
+
+RECIPE_FILE = "cmoe_recipe.json"
+AUTO_MAP = {
+    "AutoConfig": "configuration_cmoe.CMoEConfig",
+    "AutoModelForCausalLM": "modeling_cmoe.CMoEForCausalLM",
+}
+
+
+def save_carved(model: nn.Module, tokenizer, directory: Path, recipe: dict) -> None:
+    """Weights (safetensors), config with auto_map, modeling code, tokenizer, recipe and model card."""
+    directory.mkdir(parents=True)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    for module in (configuration_cmoe, modeling_cmoe):
+        shutil.copy(module.__file__, directory / Path(module.__file__).name)
+    write_json(directory / RECIPE_FILE, recipe)
+    (directory / "README.md").write_text(model_card(model, recipe))
+
+
+def load_carved(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Reload a carved model in one call: `model = cmoe.load_carved("out/S3A3E8")`."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CmoeError(f"{path}: not a model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    if getattr(model.config, "model_type", "") != "cmoe":
+        raise CmoeError(f"{path}: not a carved model (model_type {model.config.model_type!r})")
+    return model.to(device).eval()
+
+
+def model_card(model: nn.Module, recipe: dict) -> str:
+    text_config = model.config.text_config
+    spec = next(spec for spec in model.config.cmoe_layers if spec)
+    dense_ffn = text_config.intermediate_size
+    active = spec["shared_size"] + spec["top_k"] * spec["expert_size"]
+    calibration = recipe.get("calibration") or {}
+    timings = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in recipe.get("timings_s", {}).items())
+    return f"""---
+library_name: transformers
+tags: [cmoe, mixture-of-experts, carved]
+---
+# {recipe.get('config', 'CMoE')} carved from {recipe.get('source_model', 'a dense model')}
+
+A Mixture-of-Experts model carved without training by cmoe (CMoE, Pei et al. 2025,
+arXiv 2502.04416) from the dense `{text_config.model_type}` model `{recipe.get('source_model')}`.
+
+| | |
+|---|---|
+| configuration | {recipe.get('config')} (shared {recipe.get('shared_experts')}, active routed {recipe.get('active_experts')}, experts {recipe.get('experts')}) |
+| FFN neurons per layer | {dense_ffn} dense; shared block {spec['shared_size']}, {spec['num_experts']} routed experts of {spec['expert_size']} |
+| active FFN neurons per token | {active} of {dense_ffn} ({active / dense_ffn:.1%}) |
+| router | {spec['router']} (training-free) |
+| K_a | {recipe.get('ka')} |
+| calibration | {calibration.get('source', calibration.get('path', 'profile'))}: {recipe.get('nsamples', '-')} windows of {recipe.get('seqlen', '-')} tokens, seed {recipe.get('seed')} |
+| mode | {recipe.get('mode')} |
+
+## Load
+```python
+import cmoe  # registers the architecture; without cmoe pass trust_remote_code=True instead
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+
+## Timings (seconds)
+| stage | seconds |
+|---|---|
+{timings}
+
+The full recipe (resolved options, versions, calibration data, timings) is in `{RECIPE_FILE}`.
+"""

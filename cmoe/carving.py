@@ -1,0 +1,179 @@
+"""Profiling and carving: the layer loop that moves tensors, around the pure numerics."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from cmoe.artifacts import StageTimer, versions
+from cmoe.blocks import build_block
+from cmoe.config import MoEShape
+from cmoe.configuration_cmoe import CMoEConfig
+from cmoe.construction import METHODS, ROUTER_BUILDERS
+from cmoe.errors import CmoeError
+from cmoe.modeling_cmoe import CMoEForCausalLM
+from cmoe.probe import ProbedMLP
+from cmoe.profile_io import FORMAT, ProfileFile, StreamingSafetensorsWriter, write_layer
+from cmoe.runner import LayerCallback, LayerRunner, decoder_of
+from cmoe.statistics import ActivationStats
+
+
+@dataclass(frozen=True)
+class CarveOptions:
+    """Everything that decides the carved weights besides the model and the calibration tokens."""
+
+    shape: MoEShape
+    ka: int = 10
+    method: str = "cmoe"
+    router: str = "analytic"
+
+    def check(self, intermediate_size: int) -> None:
+        self.shape.validated(intermediate_size)
+        check_ka(self.ka, intermediate_size)
+        if self.method not in METHODS:
+            raise CmoeError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        if self.router not in ROUTER_BUILDERS:
+            raise CmoeError(f"--router {self.router}: expected one of {', '.join(ROUTER_BUILDERS)}")
+
+
+def check_ka(ka: int, intermediate_size: int) -> None:
+    if not 1 <= ka <= intermediate_size:
+        raise CmoeError(f"--ka {ka}: must be between 1 and the FFN width ({intermediate_size})")
+
+
+def _activation(model: nn.Module):
+    return ACT2FN[model.config.hidden_act]
+
+
+def profile_model(
+    model: nn.Module,
+    windows: torch.Tensor,
+    ka: int,
+    batch_size: int,
+    device: torch.device,
+    writer: StreamingSafetensorsWriter,
+    on_layer: LayerCallback | None = None,
+) -> None:
+    """Profile the dense model layer by layer (each layer sees the dense outputs of the previous one)."""
+    runner = LayerRunner(model, windows, batch_size, device)
+    runner.capture()
+    for index, layer in enumerate(runner.layers):
+        dense = layer.mlp
+        probe = ProbedMLP(dense, ka, _activation(model))
+        layer.mlp = probe
+        try:
+            runner.run_layer(index)
+        finally:
+            layer.mlp = dense
+        write_layer(writer, index, probe.stats.to("cpu"))
+        if on_layer:
+            on_layer(index + 1, len(runner.layers))
+
+
+def profile_metadata(recipe: dict) -> dict[str, str]:
+    return {"format": FORMAT, "recipe": json.dumps(recipe)}
+
+
+def _carve_layer(dense: nn.Module, stats: ActivationStats, options: CarveOptions, act_name: str) -> nn.Module:
+    partition = METHODS[options.method](stats, options.shape)
+    spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router)
+    return build_block(dense, partition, spec, act_name)
+
+
+def carve_sequential(
+    model: nn.Module,
+    windows: torch.Tensor,
+    options: CarveOptions,
+    batch_size: int,
+    device: torch.device,
+    timer: StageTimer,
+    on_layer: LayerCallback | None = None,
+) -> CMoEForCausalLM:
+    """The reference pipeline: layer l is profiled on the outputs of the already carved layers 0..l-1.
+
+    For pre-norm layers (checked once) the carved MLP's output replaces the dense one in the stored
+    layer outputs, so each layer's attention runs once; otherwise the layer is re-run.
+    """
+    act_name = model.config.hidden_act
+    runner = LayerRunner(model, windows, batch_size, device)
+    with timer.stage("capture"):
+        runner.capture()
+        additive = runner.mlp_is_additive(0)
+    for index, layer in enumerate(runner.layers):
+        dense = layer.mlp
+        probe = ProbedMLP(dense, options.ka, _activation(model), keep_io=additive)
+        saved_inputs = None if additive else [batch.hidden for batch in runner.batches]
+        layer.mlp = probe
+        try:
+            with timer.stage("profile"):
+                runner.run_layer(index)
+        finally:
+            layer.mlp = dense
+        with timer.stage("group"):
+            block = _carve_layer(dense.to(device), probe.stats, options, act_name)
+            dense.to("cpu")
+            block.to("cpu")
+        with timer.stage("propagate"):
+            if additive:
+                runner.replace_mlp_outputs(block, probe.inputs, probe.outputs)
+            else:
+                for batch, hidden in zip(runner.batches, saved_inputs):
+                    batch.hidden = hidden
+            layer.mlp = block
+            if not additive:
+                runner.run_layer(index)
+        if on_layer:
+            on_layer(index + 1, len(runner.layers))
+    return as_carved_model(model, options)
+
+
+def carve_from_profile(
+    model: nn.Module,
+    profile: ProfileFile,
+    options: CarveOptions,
+    timer: StageTimer,
+    on_layer: LayerCallback | None = None,
+) -> CMoEForCausalLM:
+    """Carve every layer from a saved profile of the dense model: no calibration pass at all."""
+    layers = decoder_of(model).layers
+    for index, layer in enumerate(layers):
+        with timer.stage("group"):
+            layer.mlp = _carve_layer(layer.mlp, profile.layer(index), options, model.config.hidden_act)
+        if on_layer:
+            on_layer(index + 1, len(layers))
+    return as_carved_model(model, options)
+
+
+def as_carved_model(dense_model: nn.Module, options: CarveOptions) -> CMoEForCausalLM:
+    """Wrap the dense model's modules (MLPs already replaced) in the carved architecture, sharing weights."""
+    text_config = dense_model.config
+    intermediate_size = text_config.intermediate_size
+    spec = options.shape.layer_spec(intermediate_size, options.router)
+    config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=[spec] * text_config.num_hidden_layers)
+    with torch.device("meta"):
+        carved = CMoEForCausalLM(config)
+    carved.model = dense_model.model
+    carved.lm_head = dense_model.lm_head
+    carved.config.text_config._attn_implementation = dense_model.config._attn_implementation
+    carved.generation_config = dense_model.generation_config
+    return carved.eval()
+
+
+def carve_recipe(options: CarveOptions, **extra) -> dict:
+    return {
+        "tool": "cmoe carve",
+        "config": options.shape.name,
+        "shared_experts": options.shape.shared,
+        "active_experts": options.shape.active,
+        "experts": options.shape.experts,
+        "active_fraction": options.shape.active_fraction,
+        "ka": options.ka,
+        "method": options.method,
+        "router": options.router,
+        "versions": versions(),
+        **extra,
+    }

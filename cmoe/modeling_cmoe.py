@@ -1,0 +1,202 @@
+"""Modeling of a carved (CMoE) causal LM: the dense decoder with some MLPs replaced by MoE blocks.
+
+Self-contained on purpose (torch and transformers only): this file is copied next to every carved
+checkpoint so that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works
+without cmoe installed.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_cmoe import CMoEConfig
+
+
+class SwiGLU(nn.Module):
+    """One gated MLP: `down(act(gate(x)) * up(x))`, the shape of the dense FFN and of every expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Routing(NamedTuple):
+    """What a router decides for T tokens: `indices` (T, k) experts, `weights` (T, k) gate values,
+    `probs` (T, E) fp32 router probabilities (for balancing and analysis)."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+
+
+class AnalyticRouter(nn.Module):
+    """CMoE's training-free router.
+
+    Scores `s = |act(g . x) * (u . x)|` with `g`, `u` the normalised gate/up rows of each expert's
+    representative neuron, `p = softmax(s)` in fp32, selection = top-k of `p + bias` (bias only
+    steers selection), gate = `1 + p * scale`. `scale` (u in the paper) and `bias` (b) start at zero,
+    so a training-free model weights every selected expert by exactly 1.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, hidden_act: str):
+        super().__init__()
+        self.top_k = top_k
+        self.gate_proj = nn.Linear(hidden_size, num_experts, bias=False)
+        self.up_proj = nn.Linear(hidden_size, num_experts, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+        self.scale = nn.Parameter(torch.zeros(num_experts))
+        self.register_buffer("bias", torch.zeros(num_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        scores = (self.act_fn(self.gate_proj(x)) * self.up_proj(x)).abs().float()
+        probs = scores.softmax(dim=-1)
+        indices = (probs + self.bias.float()).topk(self.top_k, dim=-1).indices
+        weights = 1.0 + probs.gather(-1, indices) * self.scale.float()[indices]
+        return Routing(indices, weights, probs)
+
+
+ROUTERS = {"analytic": AnalyticRouter}
+
+
+class CMoEBlock(nn.Module):
+    """An MoE FFN: an always-on shared SwiGLU block plus routed SwiGLU experts.
+
+    Tokens are grouped by expert with one sort per call and each expert runs one batched matmul
+    chain over its tokens; there is no per-token Python loop.
+    """
+
+    def __init__(self, hidden_size: int, hidden_act: str, spec: dict):
+        super().__init__()
+        self.num_experts = spec["num_experts"]
+        self.top_k = spec["top_k"]
+        self.shared = SwiGLU(hidden_size, spec["shared_size"], hidden_act) if spec["shared_size"] > 0 else None
+        self.experts = nn.ModuleList(
+            SwiGLU(hidden_size, spec["expert_size"], hidden_act) for _ in range(self.num_experts)
+        )
+        self.router = ROUTERS[spec.get("router", "analytic")](hidden_size, self.num_experts, self.top_k, hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.router(x)
+        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        out = out.index_add(0, *self._routed(x, routing))
+        return out.view(shape)
+
+    def _routed(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every routed expert on its tokens; return (token index, weighted output) per assignment."""
+        flat = routing.indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_index = order // self.top_k
+        chunks = x.index_select(0, token_index).split(counts)
+        outputs = torch.cat(
+            [expert(chunk) for expert, chunk, count in zip(self.experts, chunks, counts) if count]
+        )
+        weights = routing.weights.reshape(-1)[order].to(outputs.dtype).unsqueeze(-1)
+        return token_index, outputs * weights
+
+
+class CMoEPreTrainedModel(PreTrainedModel):
+    config_class = CMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(mean=0.0, std=std)
+        elif isinstance(module, AnalyticRouter):
+            module.scale.zero_()
+            module.bias.zero_()
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+            module.weight.fill_(1.0)
+
+
+class CMoEForCausalLM(CMoEPreTrainedModel, GenerationMixin):
+    """The dense model's own decoder (attention untouched) with MoE blocks in the carved layers."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CMoEConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        self.model = AutoModel.from_config(text_config)
+        for layer, spec in zip(self.model.layers, config.cmoe_layers):
+            if spec is not None:
+                layer.mlp = CMoEBlock(text_config.hidden_size, text_config.hidden_act, spec)
+        self._no_split_modules = [type(self.model.layers[0]).__name__]
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["CMoEForCausalLM", "CMoEPreTrainedModel", "CMoEBlock", "AnalyticRouter", "SwiGLU", "ROUTERS"]

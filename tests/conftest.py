@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random LLaMA models built in the test, and the real assets in ../shared."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINYSTORIES_MODEL = SHARED / "models" / "tinystories-656k"
+TINYSTORIES_TRAIN = SHARED / "data" / "tinystories" / "TinyStoriesV2-GPT4-train-first2MiB.txt"
+TINYSTORIES_VALID = SHARED / "data" / "tinystories" / "TinyStories-valid-excerpt.txt"
+WIKI_VALID = SHARED / "data" / "wikitext-2" / "wiki.valid.tokens"
+
+
+def tiny_llama(seed: int = 0, intermediate_size: int = 48, layers: int = 2) -> LlamaForCausalLM:
+    """A random fp32 LLaMA small enough to carve in milliseconds."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny random LLaMA directory with the real TinyStories tokenizer, for end-to-end commands."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINYSTORIES_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+    )
+    directory = tmp_path / "tiny-dense"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
