@@ -45,15 +45,23 @@ def _root(
 
 @contextmanager
 def _layer_progress(label: str) -> Iterator:
-    """A rich progress bar for a per-layer loop; yields the library's on_layer callback."""
+    """A rich progress bar for a per-layer loop, shown from the loop's first report (so that input
+    errors, found before any heavy work, print nothing but their one line); yields the callback."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"{label} layer 0/?", total=None)
+    progress = Progress(*columns, console=console)
+    task = None
 
-        def on_layer(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, description=f"{label} layer {done}/{total}")
+    def on_layer(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(label, total=total)
+        progress.update(task, completed=done, total=total, description=f"{label} layer {done}/{total}")
 
+    try:
         yield on_layer
+    finally:
+        progress.stop()
 
 
 def _compute(device: str, dtype: str, batch_size: int):
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     from cmoe.errors import CmoeError
 
     args = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
     debug = "--debug" in args or os.environ.get("CMOE_DEBUG", "") not in ("", "0")
     try:
         app(args=args, prog_name="cmoe", standalone_mode=False)
@@ -177,6 +186,16 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(f"{type(error).__name__}: {error} (rerun with --debug for the traceback)", 1)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and one-line errors replace the libraries' bars and warnings."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    disable_progress_bars()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def _fail(message: str, code: int) -> None:

@@ -61,6 +61,7 @@ def profile_model(
     """Profile the dense model layer by layer (each layer sees the dense outputs of the previous one)."""
     runner = LayerRunner(model, windows, batch_size, device)
     runner.capture()
+    _start(on_layer, len(runner.layers))
     for index, layer in enumerate(runner.layers):
         dense = layer.mlp
         probe = ProbedMLP(dense, ka, _activation(model))
@@ -72,6 +73,11 @@ def profile_model(
         write_layer(writer, index, probe.stats.to("cpu"))
         if on_layer:
             on_layer(index + 1, len(runner.layers))
+
+
+def _start(on_layer: LayerCallback | None, total: int) -> None:
+    if on_layer:
+        on_layer(0, total)
 
 
 def profile_metadata(recipe: dict) -> dict[str, str]:
@@ -103,6 +109,7 @@ def carve_sequential(
     with timer.stage("capture"):
         runner.capture()
         additive = runner.mlp_is_additive(0)
+    _start(on_layer, len(runner.layers))
     for index, layer in enumerate(runner.layers):
         dense = layer.mlp
         probe = ProbedMLP(dense, options.ka, _activation(model), keep_io=additive)
@@ -140,6 +147,7 @@ def carve_from_profile(
 ) -> CMoEForCausalLM:
     """Carve every layer from a saved profile of the dense model: no calibration pass at all."""
     layers = decoder_of(model).layers
+    _start(on_layer, len(layers))
     for index, layer in enumerate(layers):
         with timer.stage("group"):
             layer.mlp = _carve_layer(layer.mlp, profile.layer(index), options, model.config.hidden_act)

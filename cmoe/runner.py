@@ -157,6 +157,8 @@ class LayerRunner:
         return bool(error <= tolerance)
 
     def run_all(self, on_layer: LayerCallback | None = None) -> None:
+        if on_layer:
+            on_layer(0, len(self.layers))
         for index in range(len(self.layers)):
             self.run_layer(index)
             if on_layer:
