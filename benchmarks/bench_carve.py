@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     args = parser.parse_args()
     gguf = smollm2_gguf()
+    torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix="cmoe-bench-"))
     calib = ["--data", str(WIKI_VALID), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]
 
@@ -82,7 +83,8 @@ def main() -> None:
 
     dense = load_model(resolve_source(str(gguf)), torch.float32)
     windows = calibration_windows_of(gguf, args.nsamples, args.seqlen)
-    dense_calib_s = median_seconds(lambda: [dense(w[None]) for w in windows], repeats=1, warmup=0)
+    with torch.no_grad():
+        dense_calib_s = median_seconds(lambda: [dense(w[None]).logits.shape for w in windows], repeats=1, warmup=0)
     results["dense_forward_over_calibration_s"] = dense_calib_s
     for config in CONFIGS:
         carved = cmoe.load_carved(results[f"{config}/sequential"]["path"])

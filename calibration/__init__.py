@@ -1,12 +1,15 @@
-"""Calibration and evaluation text sources (installed as `cmoe.calibration`)."""
+"""Calibration and evaluation text (installed as `cmoe.calibration`): loading, tokenising, windowing."""
 
-from cmoe.calibration.sources import (
-    NAMED_SOURCES,
-    LoadedText,
-    calibration_windows,
-    evaluation_windows,
-    load_text,
-    tokenize_text,
-)
+from .sources import NAMED_SOURCES, SPLITS, HubSource, LoadedText, load_text
+from .windows import calibration_windows, evaluation_windows, tokenize_text
 
-__all__ = ["NAMED_SOURCES", "LoadedText", "calibration_windows", "evaluation_windows", "load_text", "tokenize_text"]
+__all__ = [
+    "NAMED_SOURCES",
+    "SPLITS",
+    "HubSource",
+    "LoadedText",
+    "calibration_windows",
+    "evaluation_windows",
+    "load_text",
+    "tokenize_text",
+]

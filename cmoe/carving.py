@@ -2,8 +2,6 @@
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

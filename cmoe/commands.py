@@ -1,6 +1,5 @@
 """The library behind each CLI command: validate every input cheaply, then do the heavy work."""
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedConfig
 
-from cmoe.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions, write_json
+from cmoe.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions
 from cmoe.calibration import calibration_windows, evaluation_windows, load_text, tokenize_text
 from cmoe.carved_io import save_carved
 from cmoe.carving import (
@@ -254,7 +253,3 @@ def run_perplexity(
         data=text.description,
         seconds=time.perf_counter() - started,
     )
-
-
-def describe(result: PerplexityResult) -> str:
-    return json.dumps(result.as_dict(), indent=2)
