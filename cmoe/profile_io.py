@@ -51,6 +51,7 @@ class StreamingSafetensorsWriter:
 
 def write_layer(writer: StreamingSafetensorsWriter, index: int, stats: ActivationStats) -> None:
     writer.add(f"layers.{index}.counts", stats.counts.to(torch.int64))
+    writer.add(f"layers.{index}.rates", stats.rates.to(torch.float64))
     writer.add(f"layers.{index}.coactivation", stats.coactivation.to(torch.int32))
     writer.add(f"layers.{index}.tokens", torch.tensor([stats.tokens], dtype=torch.int64))
 

@@ -115,6 +115,8 @@ def test_profile_then_carve_from_profile(tiny_model_dir, tmp_path):
     stats = saved.layer(1)
     assert saved.num_layers == 2 and stats.tokens == 4 * 64 and stats.counts.sum() == 4 * 64 * 10
     assert saved.recipe["calibration"]["seqlen"] == 64
+    with safe_open(str(profile), "pt") as handle:
+        assert torch.allclose(handle.get_tensor("layers.1.rates"), stats.counts.double() / stats.tokens)
     recipe = run_carve(str(tiny_model_dir), tmp_path / "carved", CarveOptions(MoEShape.parse("S1A2E8")), None, profile, CPU)
     assert recipe["mode"].startswith("from-profile")
     assert cmoe.load_carved(tmp_path / "carved").config.cmoe_layers[0]["num_experts"] == 7
