@@ -10,6 +10,7 @@ process, dense and carved side by side. Writes the "Carving SmolLM2-135M" sectio
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -100,14 +101,13 @@ def report(results: dict, args, dense_calib_s: float) -> str:
         f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32, 30 layers, FFN 1536). Calibration: {args.nsamples} "
         f"windows x {args.seqlen} tokens of wiki.valid.tokens, seed 0, K_a 10. Evaluation: wiki.test.raw, first "
         f"{dense['windows']} windows x {dense['seqlen']} tokens ({dense['tokens']} tokens), GPTQ protocol.",
-        f"One dense forward pass over the calibration tokens: {dense_calib_s:.1f} s.",
+        f"One dense forward pass over the calibration tokens: {dense_calib_s:.1f} s. `carve / dense forward` divides the "
+        "carving stages (capture, profile, group, propagate) by it; loading the model and tokenising are listed but not counted.",
         "",
         "| model | mode | perplexity | gap (ln ppl - ln dense) | carve stages (s) | carve / dense forward | whole command (s) | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|",
         f"| dense | - | {dense['perplexity']:.2f} | - | - | - | - | {dense['peak_rss_mib']:.0f} (eval) |",
     ]
-    import math
-
     for config in CONFIGS:
         for mode in ("sequential", "from-profile"):
             row = results[f"{config}/{mode}"]
