@@ -34,6 +34,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda if availabl
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, checkpoint dtype or bfloat16 on GPU), float32, bfloat16, float16.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+StatisticOpt = Annotated[Optional[str], typer.Option("--statistic", help="Per-token neuron score whose top-K_a are marked: normalized (reference: normalised SwiGLU state), raw (h), contribution (|h_i| |W_down[:, i]|).")]
 
 
 @app.callback()
@@ -79,17 +80,21 @@ def profile(
     seqlen: SeqlenOpt = 2048,
     seed: SeedOpt = 0,
     ka: KaOpt = 10,
+    statistic: StatisticOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Profile neuron activations of a dense model on calibration text, one layer at a time."""
+    """Profile neuron activations of a dense model on calibration text, one layer at a time.
+
+    The profile holds every statistic any carving option needs, so one profile serves many carves."""
     from cmoe.commands import Calibration, run_profile
 
     with _layer_progress("profile") as on_layer:
         recipe = run_profile(
-            model, output, Calibration(data, nsamples, seqlen, seed), ka, _compute(device, dtype, batch_size), overwrite, on_layer
+            model, output, Calibration(data, nsamples, seqlen, seed), ka, _compute(device, dtype, batch_size), overwrite,
+            on_layer, statistic or "normalized",
         )
     console.print(f"wrote {output} ({recipe['num_layers']} layers, {recipe['calibration']['calibration_tokens']} tokens, "
                   f"{recipe['timings_s']['profile']:.1f} s)")
@@ -109,18 +114,32 @@ def carve(
     seqlen: SeqlenOpt = 2048,
     seed: SeedOpt = 0,
     ka: KaOpt = 10,
+    preset: Annotated[str, typer.Option("--preset", help="reference (the CMoE reference, faithfully) or quality (the measured winners: shared by contribution, k-means grouping, linear router). Options given explicitly override the preset.")] = "reference",
+    statistic: StatisticOpt = None,
+    shared_by: Annotated[Optional[str], typer.Option("--shared-by", help="Shared-expert neurons: rate (most often marked, reference) or contribution (largest mean |h_i| |W_down[:, i]|).")] = None,
+    grouping: Annotated[Optional[str], typer.Option("--grouping", help="Routed experts: hamming (one balanced assignment on mark columns, reference) or kmeans (balanced k-means on contribution co-activation).")] = None,
+    kmeans_iterations: Annotated[Optional[int], typer.Option("--kmeans-iterations", help="Refinement passes of --grouping kmeans (0: one assignment to the seeds).")] = None,
+    representative: Annotated[Optional[str], typer.Option("--representative", help="Analytic router's neuron per expert: centroid (reference) or most-active.")] = None,
+    router: Annotated[Optional[str], typer.Option("--router", help="analytic (reference: representative neurons) or linear (fitted in closed form to predict each expert's output).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Carve a dense model into a Mixture-of-Experts (shared + routed experts, training-free router)."""
-    from cmoe.carving import CarveOptions
+    from dataclasses import replace
+
     from cmoe.commands import Calibration, run_carve
     from cmoe.config import MoEShape
+    from cmoe.options import CarveOptions, with_preset
 
     shape = _shape(config, shared, active, experts, MoEShape)
-    options = CarveOptions(shape=shape, ka=ka)
+    explicit = {
+        "statistic": statistic, "shared_by": shared_by, "grouping": grouping, "kmeans_iterations": kmeans_iterations,
+        "representative": representative, "router": router,
+    }
+    options = with_preset(CarveOptions(shape=shape, ka=ka), preset)
+    options = replace(options, **{name: value for name, value in explicit.items() if value is not None})
     calibration = None if profile_file else Calibration(data, nsamples, seqlen, seed)
     with _layer_progress(f"carve {shape.name}") as on_layer:
         recipe = run_carve(model, output, options, calibration, profile_file, _compute(device, dtype, batch_size), overwrite, on_layer)

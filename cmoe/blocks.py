@@ -6,6 +6,7 @@ from torch import nn
 from cmoe.construction import ROUTER_BUILDERS
 from cmoe.modeling_cmoe import CMoEBlock
 from cmoe.partition import Partition
+from cmoe.statistics import ActivationStats
 
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -22,7 +23,7 @@ def _copy_swiglu(target: nn.Module, dense: nn.Module, neurons: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def build_block(dense: nn.Module, partition: Partition, spec: dict, hidden_act: str) -> CMoEBlock:
+def build_block(dense: nn.Module, partition: Partition, spec: dict, hidden_act: str, stats: ActivationStats) -> CMoEBlock:
     """A CMoEBlock holding exactly the dense MLP's neurons, split as the partition says."""
     weight = dense.gate_proj.weight
     with torch.device("meta"):
@@ -32,7 +33,7 @@ def build_block(dense: nn.Module, partition: Partition, spec: dict, hidden_act: 
         _copy_swiglu(block.shared, dense, partition.shared)
     for expert, neurons in zip(block.experts, partition.experts):
         _copy_swiglu(expert, dense, neurons)
-    router_state = ROUTER_BUILDERS[spec["router"]](dense.gate_proj.weight, dense.up_proj.weight, partition)
+    router_state = ROUTER_BUILDERS[spec["router"]](dense, partition, stats)
     router_state["scale"] = torch.zeros(spec["num_experts"])
     router_state["bias"] = torch.zeros(spec["num_experts"])
     block.router.load_state_dict(router_state)

@@ -1,7 +1,6 @@
 """Profiling and carving: the layer loop that moves tensors, around the pure numerics."""
 
 import json
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -9,38 +8,14 @@ from transformers.activations import ACT2FN
 
 from cmoe.artifacts import StageTimer, versions
 from cmoe.blocks import build_block
-from cmoe.config import MoEShape
 from cmoe.configuration_cmoe import CMoEConfig
-from cmoe.construction import METHODS, ROUTER_BUILDERS
-from cmoe.errors import CmoeError
+from cmoe.construction import METHODS
 from cmoe.modeling_cmoe import CMoEForCausalLM
+from cmoe.options import CarveOptions
 from cmoe.probe import ProbedMLP
 from cmoe.profile_io import FORMAT, ProfileFile, StreamingSafetensorsWriter, write_layer
 from cmoe.runner import LayerCallback, LayerRunner, decoder_of
-from cmoe.statistics import ActivationStats
-
-
-@dataclass(frozen=True)
-class CarveOptions:
-    """Everything that decides the carved weights besides the model and the calibration tokens."""
-
-    shape: MoEShape
-    ka: int = 10
-    method: str = "cmoe"
-    router: str = "analytic"
-
-    def check(self, intermediate_size: int) -> None:
-        self.shape.validated(intermediate_size)
-        check_ka(self.ka, intermediate_size)
-        if self.method not in METHODS:
-            raise CmoeError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
-        if self.router not in ROUTER_BUILDERS:
-            raise CmoeError(f"--router {self.router}: expected one of {', '.join(ROUTER_BUILDERS)}")
-
-
-def check_ka(ka: int, intermediate_size: int) -> None:
-    if not 1 <= ka <= intermediate_size:
-        raise CmoeError(f"--ka {ka}: must be between 1 and the FFN width ({intermediate_size})")
+from cmoe.statistics import OPTIONAL_STATISTICS, ActivationStats
 
 
 def _activation(model: nn.Module):
@@ -55,14 +30,18 @@ def profile_model(
     device: torch.device,
     writer: StreamingSafetensorsWriter,
     on_layer: LayerCallback | None = None,
+    statistic: str = "normalized",
 ) -> None:
-    """Profile the dense model layer by layer (each layer sees the dense outputs of the previous one)."""
+    """Profile the dense model layer by layer (each layer sees the dense outputs of the previous one).
+
+    Every optional statistic is collected, so that one profile serves every carving option.
+    """
     runner = LayerRunner(model, windows, batch_size, device)
     runner.capture()
     _start(on_layer, len(runner.layers))
     for index, layer in enumerate(runner.layers):
         dense = layer.mlp
-        probe = ProbedMLP(dense, ka, _activation(model))
+        probe = ProbedMLP(dense, ka, _activation(model), statistic=statistic, extras=OPTIONAL_STATISTICS)
         layer.mlp = probe
         try:
             runner.run_layer(index)
@@ -83,9 +62,9 @@ def profile_metadata(recipe: dict) -> dict[str, str]:
 
 
 def _carve_layer(dense: nn.Module, stats: ActivationStats, options: CarveOptions, act_name: str) -> nn.Module:
-    partition = METHODS[options.method](stats, options.shape)
+    partition = METHODS[options.method](stats, options)
     spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router)
-    return build_block(dense, partition, spec, act_name)
+    return build_block(dense, partition, spec, act_name, stats)
 
 
 def carve_sequential(
@@ -110,7 +89,9 @@ def carve_sequential(
     _start(on_layer, len(runner.layers))
     for index, layer in enumerate(runner.layers):
         dense = layer.mlp
-        probe = ProbedMLP(dense, options.ka, _activation(model), keep_io=additive)
+        probe = ProbedMLP(
+            dense, options.ka, _activation(model), additive, options.statistic, options.needed_statistics()
+        )
         saved_inputs = None if additive else [batch.hidden for batch in runner.batches]
         layer.mlp = probe
         try:
@@ -177,9 +158,7 @@ def carve_recipe(options: CarveOptions, **extra) -> dict:
         "active_experts": options.shape.active,
         "experts": options.shape.experts,
         "active_fraction": options.shape.active_fraction,
-        "ka": options.ka,
-        "method": options.method,
-        "router": options.router,
+        **options.as_recipe(),
         "versions": versions(),
         **extra,
     }

@@ -10,15 +10,7 @@ from transformers import PreTrainedConfig
 from cmoe.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions
 from cmoe.calibration import calibration_windows, evaluation_windows, load_text, tokenize_text
 from cmoe.carved_io import save_carved
-from cmoe.carving import (
-    CarveOptions,
-    carve_from_profile,
-    carve_recipe,
-    carve_sequential,
-    check_ka,
-    profile_metadata,
-    profile_model,
-)
+from cmoe.carving import carve_from_profile, carve_recipe, carve_sequential, profile_metadata, profile_model
 from cmoe.errors import CmoeError
 from cmoe.loading import (
     ModelSource,
@@ -32,8 +24,10 @@ from cmoe.loading import (
     resolve_source,
     text_config_of,
 )
+from cmoe.options import CarveOptions, check_ka
 from cmoe.profile_io import ProfileFile, StreamingSafetensorsWriter
 from cmoe.runner import LayerCallback, LayerRunner
+from cmoe.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS
 
 
 @dataclass(frozen=True)
@@ -110,12 +104,16 @@ def run_profile(
     compute: Compute = Compute(),
     overwrite: bool = False,
     on_layer: LayerCallback | None = None,
+    statistic: str = "normalized",
 ) -> dict:
-    """Write a profile of the dense model (activation counts, rates, co-activation) per layer."""
+    """Write a profile of the dense model per layer: mark counts, rates and co-activation of the
+    `statistic`'s top-K_a marks, plus every optional statistic of the quality options."""
     timer = StageTimer()
     check_output_path(output, overwrite)
     prepared = _prepare_model(model, compute, dense_only=True)
     check_ka(ka, prepared.config.intermediate_size)
+    if statistic not in MARK_STATISTICS:
+        raise CmoeError(f"--statistic {statistic}: expected one of {', '.join(MARK_STATISTICS)}")
     _, windows, description = _calibration_tokens(calibration, prepared, timer)
     torch.manual_seed(calibration.seed)
     with timer.stage("load_model"):
@@ -126,7 +124,8 @@ def run_profile(
         "num_layers": dense.config.num_hidden_layers,
         "intermediate_size": dense.config.intermediate_size,
         "ka": ka,
-        "statistic": "normalised SwiGLU state, top-K_a binary marks",
+        "statistic": statistic,
+        "statistics": ["counts", "rates", "coactivation", *OPTIONAL_STATISTICS],
         "calibration": description,
         "device": str(prepared.device),
         "dtype": str(prepared.dtype).removeprefix("torch."),
@@ -136,7 +135,7 @@ def run_profile(
     with atomic_output(output, overwrite) as staging:
         writer = StreamingSafetensorsWriter(staging.parent)
         with timer.stage("profile"):
-            profile_model(dense, windows, ka, compute.batch_size, prepared.device, writer, on_layer)
+            profile_model(dense, windows, ka, compute.batch_size, prepared.device, writer, on_layer, statistic)
         recipe["timings_s"] = timer.rounded()
         writer.finish(staging, profile_metadata(recipe))
     return recipe
@@ -166,8 +165,7 @@ def run_carve(
     if profile is not None:
         saved = ProfileFile(profile)
         saved.check_matches(dense_config.num_hidden_layers, dense_config.intermediate_size)
-        if saved.recipe["ka"] != options.ka:
-            raise CmoeError(f"--ka {options.ka}: the profile was made with --ka {saved.recipe['ka']}")
+        saved.check_serves(options.statistic, options.ka, options.needed_statistics())
         tokenizer = load_tokenizer(prepared.source)
         recipe.update(mode="from-profile (dense statistics)", profile=str(profile), calibration=saved.recipe["calibration"])
     else:

@@ -65,7 +65,26 @@ class AnalyticRouter(nn.Module):
         return Routing(indices, weights, probs)
 
 
-ROUTERS = {"analytic": AnalyticRouter}
+class LinearRouter(nn.Module):
+    """A linear router (`proj`, with intercept) fitted in closed form to predict how much output each
+    expert carries for a token; then the same softmax, biased top-k and `1 + p * scale` gate as
+    AnalyticRouter."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, hidden_act: str):
+        super().__init__()
+        self.top_k = top_k
+        self.proj = nn.Linear(hidden_size, num_experts, bias=True)
+        self.scale = nn.Parameter(torch.zeros(num_experts))
+        self.register_buffer("bias", torch.zeros(num_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        probs = self.proj(x).float().softmax(dim=-1)
+        indices = (probs + self.bias.float()).topk(self.top_k, dim=-1).indices
+        weights = 1.0 + probs.gather(-1, indices) * self.scale.float()[indices]
+        return Routing(indices, weights, probs)
+
+
+ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter}
 
 
 class CMoEBlock(nn.Module):
@@ -126,7 +145,7 @@ class CMoEPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(mean=0.0, std=std)
-        elif isinstance(module, AnalyticRouter):
+        elif isinstance(module, (AnalyticRouter, LinearRouter)):
             module.scale.zero_()
             module.bias.zero_()
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
@@ -199,4 +218,4 @@ class CMoEForCausalLM(CMoEPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["CMoEForCausalLM", "CMoEPreTrainedModel", "CMoEBlock", "AnalyticRouter", "SwiGLU", "ROUTERS"]
+__all__ = ["CMoEForCausalLM", "CMoEPreTrainedModel", "CMoEBlock", "AnalyticRouter", "LinearRouter", "SwiGLU", "ROUTERS"]

@@ -63,18 +63,79 @@ def nearest_to_centroid(stats: ActivationStats, members: torch.Tensor) -> int:
     return int(members[int(torch.argmin(distance))])
 
 
-def cmoe_partition(stats: ActivationStats, num_experts: int, num_shared: int) -> Partition:
-    """The reference grouping: shared = most often marked neurons (plus any d_h mod N leftovers),
-    routed experts = one balanced assignment of the rest to the most active remaining neurons
-    (seeds) by Hamming cost, representative = member nearest its cluster's centroid."""
+def rank_by_contribution(stats: ActivationStats) -> torch.Tensor:
+    """Neuron indices from largest to smallest mean output contribution; ties keep the lower index first."""
+    return torch.sort(-stats.mean_contribution.cpu(), stable=True).indices
+
+
+def cosine_similarities(gram: torch.Tensor) -> torch.Tensor:
+    """Cosines between the contribution columns of the neurons, from their Gram matrix."""
+    norms = gram.diagonal().clamp_min(1e-30).sqrt()
+    return gram / norms.unsqueeze(0) / norms.unsqueeze(1)
+
+
+def balanced_kmeans(cosine: torch.Tensor, seeds: torch.Tensor, cluster_size: int, iterations: int) -> torch.Tensor:
+    """Labels (n,) of equal-size clusters of n unit vectors known only through their cosines.
+
+    Starts with one balanced assignment to the seed vectors, then alternates: each cluster's mean
+    direction, one balanced assignment by cosine to those means, until nothing moves or the
+    iterations run out. Cosine to a cluster mean: sum_{k in S} K_ik / sqrt(sum_{k,l in S} K_kl).
+    """
+    cosine = cosine.double()
+    labels = balanced_assignment(-cosine[:, seeds], cluster_size)
+    for _ in range(iterations):
+        members = torch.nn.functional.one_hot(labels, seeds.numel()).double()
+        towards = cosine @ members
+        spread = (members * towards).sum(dim=0).clamp_min(1e-30).sqrt()
+        updated = balanced_assignment(-(towards / spread), cluster_size)
+        if torch.equal(updated, labels):
+            break
+        labels = updated
+    return labels
+
+
+def most_active_member(stats: ActivationStats, members: torch.Tensor) -> int:
+    """The member with the largest mean output contribution (or mark count when that was not collected)."""
+    score = stats.mean_contribution.cpu() if stats.contribution_sum is not None else stats.counts.double().cpu()
+    members = members.sort().values
+    return int(members[int(torch.argmax(score[members]))])
+
+
+SHARED_CHOICES = ("rate", "contribution")
+GROUPINGS = ("hamming", "kmeans")
+REPRESENTATIVES = ("centroid", "most-active")
+
+
+def cmoe_partition(
+    stats: ActivationStats,
+    num_experts: int,
+    num_shared: int,
+    shared_by: str = "rate",
+    grouping: str = "hamming",
+    kmeans_iterations: int = 0,
+    representative: str = "centroid",
+) -> Partition:
+    """The CMoE grouping. With the defaults, the reference: shared = most often marked neurons (plus
+    any d_h mod N leftovers), routed experts = one balanced assignment of the rest to the most active
+    remaining neurons (seeds) by Hamming cost, representative = member nearest its cluster's centroid.
+
+    `shared_by="contribution"` ranks neurons by mean output contribution instead of mark rate;
+    `grouping="kmeans"` clusters the contribution columns by cosine (balanced k-means, seeds as
+    above); `representative="most-active"` picks each expert's most contributing member.
+    """
     d_h = stats.num_neurons
     expert_size = d_h // num_experts
     num_routed = num_experts - num_shared
     shared_width = num_shared * expert_size + d_h % num_experts
-    ranked = rank_by_rate(stats.counts.cpu())
+    ranked = rank_by_rate(stats.counts.cpu()) if shared_by == "rate" else rank_by_contribution(stats)
     shared, rest = ranked[:shared_width], ranked[shared_width:]
     seeds = rest[:num_routed]
-    labels = balanced_assignment(hamming_to_seeds(stats, rest, seeds), expert_size)
+    if grouping == "hamming":
+        labels = balanced_assignment(hamming_to_seeds(stats, rest, seeds), expert_size)
+    else:
+        cosine = cosine_similarities(stats.contribution_gram.cpu()[rest][:, rest])
+        labels = balanced_kmeans(cosine, torch.arange(num_routed), expert_size, kmeans_iterations)
     experts = torch.stack([rest[labels == j].sort().values for j in range(num_routed)])
-    representatives = torch.tensor([nearest_to_centroid(stats, row) for row in experts], dtype=torch.long)
+    pick = nearest_to_centroid if representative == "centroid" else most_active_member
+    representatives = torch.tensor([pick(stats, row) for row in experts], dtype=torch.long)
     return Partition(shared=shared.sort().values, experts=experts, representatives=representatives)

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 
 from cmoe.errors import CmoeError
-from cmoe.statistics import ActivationStats
+from cmoe.statistics import OPTIONAL_STATISTICS, ActivationStats
 
-FORMAT = "cmoe-profile/1"
+FORMAT = "cmoe-profile/2"
 _DTYPE_NAMES = {torch.int64: "I64", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64"}
 
 
@@ -54,6 +54,8 @@ def write_layer(writer: StreamingSafetensorsWriter, index: int, stats: Activatio
     writer.add(f"layers.{index}.rates", stats.rates.to(torch.float64))
     writer.add(f"layers.{index}.coactivation", stats.coactivation.to(torch.int32))
     writer.add(f"layers.{index}.tokens", torch.tensor([stats.tokens], dtype=torch.int64))
+    for name in stats.extras:
+        writer.add(f"layers.{index}.{name}", getattr(stats, name).to(torch.float64))
 
 
 class ProfileFile:
@@ -88,10 +90,24 @@ class ProfileFile:
                 f"but the model has {num_layers} layers of width {intermediate_size}"
             )
 
+    def check_serves(self, statistic: str, ka: int, needed: tuple[str, ...]) -> None:
+        """Refuse carving options that this profile's statistics cannot serve."""
+        made_with = (self.recipe.get("statistic", "normalized"), self.recipe["ka"])
+        if made_with != (statistic, ka):
+            raise CmoeError(
+                f"--statistic {statistic} --ka {ka}: the profile was made with --statistic {made_with[0]} --ka {made_with[1]}"
+            )
+        missing = [name for name in needed if f"layers.0.{name}" not in self._names]
+        if missing:
+            raise CmoeError(f"--profile {self.path}: lacks the statistics {', '.join(missing)}; profile again with this cmoe")
+
     def layer(self, index: int) -> ActivationStats:
         with safe_open(str(self.path), framework="pt") as handle:
+            extras = tuple(name for name in OPTIONAL_STATISTICS if f"layers.{index}.{name}" in self._names)
             return ActivationStats(
                 tokens=int(handle.get_tensor(f"layers.{index}.tokens")[0]),
                 counts=handle.get_tensor(f"layers.{index}.counts"),
                 coactivation=handle.get_tensor(f"layers.{index}.coactivation").to(torch.int64),
+                extras=extras,
+                **{name: handle.get_tensor(f"layers.{index}.{name}") for name in extras},
             )

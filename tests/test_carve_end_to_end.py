@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import cmoe
-from cmoe.carving import CarveOptions
+from cmoe.options import CarveOptions
 from cmoe.commands import Calibration, Compute, run_carve, run_perplexity, run_profile
 from cmoe.config import MoEShape
 from cmoe.profile_io import ProfileFile

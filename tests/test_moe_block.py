@@ -22,7 +22,7 @@ def dense_mlp_and_stats(d_h: int = 48, seed: int = 0):
 
 def carve_block(mlp: LlamaMLP, stats: ActivationStats, shape: MoEShape):
     partition = cmoe_partition(stats, shape.experts, shape.shared)
-    return build_block(mlp, partition, shape.layer_spec(mlp.gate_proj.weight.shape[0], "analytic"), "silu")
+    return build_block(mlp, partition, shape.layer_spec(mlp.gate_proj.weight.shape[0], "analytic"), "silu", stats)
 
 
 @pytest.mark.parametrize("config,d_h", [("S2A6E8", 48), ("S0A4E4", 48), ("S1A4E5", 50)])

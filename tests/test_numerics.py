@@ -113,6 +113,16 @@ def test_every_neuron_in_exactly_one_expert(d_h, experts, shared):
         assert rep in row
 
 
+class LlamaMLPStandIn(torch.nn.Module):
+    """Just the gate/up projections a router builder reads."""
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(w_gate.shape[1], w_gate.shape[0], bias=False)
+        self.up_proj = torch.nn.Linear(w_up.shape[1], w_up.shape[0], bias=False)
+        self.gate_proj.weight.data, self.up_proj.weight.data = w_gate, w_up
+
+
 def test_analytic_router_by_hand():
     """Representatives 2 and 3 with gate rows (3,4), (0,2) and up rows (1,0), (0,-5); x = (1,1):
     scores |silu(1.4) * 1| and |silu(1) * -1|."""
@@ -122,7 +132,8 @@ def test_analytic_router_by_hand():
     w_up[2], w_up[3] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, -5.0])
     partition = Partition(torch.tensor([0, 1]), torch.tensor([[2], [3]]), torch.tensor([2, 3]))
     router = AnalyticRouter(hidden_size=2, num_experts=2, top_k=1, hidden_act="silu")
-    router.load_state_dict({**analytic_router_weights(w_gate, w_up, partition), "scale": torch.zeros(2), "bias": torch.zeros(2)})
+    dense = LlamaMLPStandIn(w_gate, w_up)
+    router.load_state_dict({**analytic_router_weights(dense, partition, None), "scale": torch.zeros(2), "bias": torch.zeros(2)})
     silu = lambda v: v / (1 + math.exp(-v))  # noqa: E731
     s0, s1 = silu(1.4), silu(1.0)
     p0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))

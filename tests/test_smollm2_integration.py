@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cmoe
-from cmoe.carving import CarveOptions
+from cmoe.options import CarveOptions
 from cmoe.commands import Calibration, Compute, run_carve, run_perplexity
 from cmoe.config import MoEShape
 

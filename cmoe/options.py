@@ -1,0 +1,78 @@
+"""What decides the carved weights besides the model and the calibration tokens, and the presets."""
+
+from dataclasses import dataclass, fields, replace
+
+from cmoe.config import MoEShape
+from cmoe.errors import CmoeError
+from cmoe.partition import GROUPINGS, REPRESENTATIVES, SHARED_CHOICES
+from cmoe.statistics import MARK_STATISTICS
+
+ROUTER_NAMES = ("analytic", "linear")
+
+
+@dataclass(frozen=True)
+class CarveOptions:
+    """The defaults are the reference CMoE; every other value is one measured option (README, Options)."""
+
+    shape: MoEShape
+    ka: int = 10
+    method: str = "cmoe"
+    statistic: str = "normalized"
+    shared_by: str = "rate"
+    grouping: str = "hamming"
+    kmeans_iterations: int = 5
+    representative: str = "centroid"
+    router: str = "analytic"
+    preset: str = "reference"
+
+    def check(self, intermediate_size: int) -> None:
+        self.shape.validated(intermediate_size)
+        check_ka(self.ka, intermediate_size)
+        from cmoe.construction import METHODS
+
+        choices = {
+            "method": tuple(METHODS),
+            "statistic": MARK_STATISTICS,
+            "shared_by": SHARED_CHOICES,
+            "grouping": GROUPINGS,
+            "representative": REPRESENTATIVES,
+            "router": ROUTER_NAMES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                flag = "--" + name.replace("_", "-")
+                raise CmoeError(f"{flag} {getattr(self, name)}: expected one of {', '.join(allowed)}")
+        if self.kmeans_iterations < 0:
+            raise CmoeError(f"--kmeans-iterations {self.kmeans_iterations}: cannot be negative")
+
+    def needed_statistics(self) -> tuple[str, ...]:
+        """The optional streaming statistics (see ActivationStats) these options read."""
+        needed = []
+        if self.shared_by == "contribution" or self.representative == "most-active":
+            needed.append("contribution_sum")
+        if self.grouping == "kmeans":
+            needed.append("contribution_gram")
+        if self.router == "linear":
+            needed += ["input_gram", "input_target"]
+        return tuple(needed)
+
+    def as_recipe(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shape"}
+
+
+def check_ka(ka: int, intermediate_size: int) -> None:
+    if not 1 <= ka <= intermediate_size:
+        raise CmoeError(f"--ka {ka}: must be between 1 and the FFN width ({intermediate_size})")
+
+
+PRESETS: dict[str, dict] = {
+    "reference": {},
+    "quality": {"shared_by": "contribution", "grouping": "kmeans", "kmeans_iterations": 5, "router": "linear"},
+}
+
+
+def with_preset(options: CarveOptions, preset: str) -> CarveOptions:
+    """The options with a preset's values applied over them."""
+    if preset not in PRESETS:
+        raise CmoeError(f"--preset {preset}: expected one of {', '.join(PRESETS)}")
+    return replace(options, preset=preset, **PRESETS[preset])
