@@ -79,6 +79,12 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
         (["carve", M, "-o", "{out}", "--device", "quantum", "--data", str(TINYSTORIES_TRAIN)], "--device quantum"),
         (["carve", M, "-o", "{out}", "--dtype", "int3", "--data", str(TINYSTORIES_TRAIN)], "--dtype int3"),
         (["carve", M, "--bogus-option"], "No such option"),
+        (["carve", M, "-o", "{out}", "--preset", "fastest", *CAL], "--preset fastest"),
+        (["carve", M, "-o", "{out}", "--grouping", "spectral", *CAL], "--grouping spectral"),
+        (["carve", M, "-o", "{out}", "--router", "oracle", *CAL], "--router oracle"),
+        (["carve", M, "-o", "{out}", "--statistic", "energy", *CAL], "--statistic energy"),
+        (["carve", M, "-o", "{out}", "--kmeans-iterations", "-1", *CAL], "--kmeans-iterations -1"),
+        (["profile", M, "-o", "{out}", "--statistic", "energy", *CAL], "--statistic energy"),
     ],
 )
 def test_bad_inputs_fail_in_one_line(capsys, tmp_path, texts, gpt2_dir, args, expected):

@@ -1,0 +1,192 @@
+"""Ablation of the carving options on SmolLM2-135M: the faithful reference, each option alone, the preset.
+
+Calibration: 8 seeded windows of 2,048 tokens of wiki.valid.tokens (options were chosen on layer-wise
+output error on these tokens only, never on the evaluation texts). Evaluation: the first --eval-windows
+windows of 2,048 tokens of wiki.test.raw and every 2,048-token window of the TinyStories validation
+excerpt (a second domain). Everything runs in this process (the dense model is loaded once); carve
+time is the sum of the carving stages, compared with one dense forward pass over the calibration
+tokens measured (after a warm-up window) in the same process. Rows stream to a JSON-lines log as they
+come; a rerun with the same --log resumes, keeping the rows already measured (each row keeps the dense
+forward time of its own run). Then the "Carving options (bench_ablation.py)" section of RESULTS.md
+is written from every row of the log.
+
+    python benchmarks/bench_ablation.py [--configs S3A3E8,S2A2E8,S1A1E8] [--variants NAME,...] [--eval-windows 16]
+"""
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import TINYSTORIES_VALID, WIKI_TEST, WIKI_VALID, machine, smollm2_gguf, write_section
+
+VARIANTS: dict[str, dict] = {
+    "reference (default)": {},
+    "--statistic contribution": {"statistic": "contribution"},
+    "--representative most-active": {"representative": "most-active"},
+    "--shared-by contribution": {"shared_by": "contribution"},
+    "--grouping kmeans": {"grouping": "kmeans"},
+    "--router linear": {"router": "linear"},
+    "--preset quality": {"preset": "quality"},
+    "--preset quality --profile (dense statistics)": {"preset": "quality", "from_profile": True},
+}
+CARVE_STAGES = ("capture", "profile", "group", "propagate")
+
+
+def load_windows(tokenizer, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    from cmoe.calibration import evaluation_windows, load_text, tokenize_text
+
+    return evaluation_windows(tokenize_text(load_text(str(path), "test").text, tokenizer), seqlen, max_windows)
+
+
+def perplexity(model, windows: torch.Tensor) -> float:
+    from cmoe.runner import LayerRunner
+
+    runner = LayerRunner(model, windows, 1, torch.device("cpu"))
+    runner.capture()
+    runner.run_all()
+    total, predicted = runner.negative_log_likelihood()
+    return math.exp(total / predicted)
+
+
+def carve(dense, calibration: torch.Tensor, shape_name: str, variant: dict, profile_path: Path) -> tuple:
+    from cmoe.artifacts import StageTimer
+    from cmoe.carving import carve_from_profile, carve_sequential
+    from cmoe.config import MoEShape
+    from cmoe.options import CarveOptions, with_preset
+    from cmoe.profile_io import ProfileFile
+
+    settings = dict(variant)
+    from_profile = settings.pop("from_profile", False)
+    options = CarveOptions(MoEShape.parse(shape_name))
+    if "preset" in settings:
+        options = with_preset(options, settings.pop("preset"))
+    options = CarveOptions(**{**options.__dict__, **settings})
+    model = copy.deepcopy(dense)
+    timer = StageTimer()
+    if from_profile:
+        carved = carve_from_profile(model, ProfileFile(profile_path), options, timer)
+    else:
+        carved = carve_sequential(model, calibration, options, 1, torch.device("cpu"), timer)
+    return carved, options, timer.seconds
+
+
+def active_neurons(options, intermediate_size: int) -> int:
+    spec = options.shape.layer_spec(intermediate_size, options.router)
+    return spec["shared_size"] + spec["top_k"] * spec["expert_size"]
+
+
+def router_multiply_adds(options, hidden_size: int) -> int:
+    """Per token and layer: the analytic router computes 2 rows per routed expert, the linear one 1."""
+    rows = 2 if options.router == "analytic" else 1
+    return rows * options.shape.routed * hidden_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="S3A3E8,S2A2E8,S1A1E8")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-ablation.jsonl")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    from cmoe.calibration import calibration_windows, load_text, tokenize_text
+    from cmoe.carving import profile_model, profile_metadata
+    from cmoe.loading import load_model, load_tokenizer, resolve_source
+    from cmoe.profile_io import StreamingSafetensorsWriter
+
+    source = resolve_source(str(smollm2_gguf()))
+    tokenizer = load_tokenizer(source)
+    dense = load_model(source, torch.float32)
+    config = dense.config
+    calibration = calibration_windows(tokenize_text(load_text(str(WIKI_VALID), "train").text, tokenizer), args.nsamples, args.seqlen, 0)
+    evaluations = {
+        "wiki.test.raw": load_windows(tokenizer, WIKI_TEST, args.seqlen, args.eval_windows),
+        "TinyStories-valid-excerpt": load_windows(tokenizer, TINYSTORIES_VALID, args.seqlen, None),
+    }
+    dense(calibration[:1, :256])
+    start = time.perf_counter()
+    for window in calibration:
+        dense(window[None])
+    dense_forward_s = time.perf_counter() - start
+    logged = [json.loads(line) for line in args.log.read_text().splitlines()] if args.log.exists() else []
+    dense_row = next((row for row in logged if row.get("variant") == "dense"), None)
+    log = args.log.open("a")
+    if dense_row is None:
+        dense_row = {"variant": "dense", **{name: perplexity(dense, windows) for name, windows in evaluations.items()}}
+        log.write(json.dumps(dense_row) + "\n")
+        log.flush()
+    rows = [{"dense_forward_s": dense_forward_s, **row} for row in logged if row.get("variant") != "dense"]
+    done = {(row["config"], row["variant"]) for row in rows}
+    pending = [(shape, name) for shape in args.configs.split(",") for name in args.variants.split(",") if (shape, name) not in done]
+
+    work = Path(tempfile.mkdtemp(prefix="cmoe-ablation-"))
+    profile_path = work / "dense.profile.safetensors"
+    profile_s = next((row["dense_profile_s"] for row in rows if "dense_profile_s" in row), None)
+    if any(VARIANTS[name].get("from_profile") for _, name in pending):
+        writer = StreamingSafetensorsWriter(work)
+        start = time.perf_counter()
+        profile_model(dense, calibration, 10, 1, torch.device("cpu"), writer)
+        profile_s = time.perf_counter() - start
+        writer.finish(profile_path, profile_metadata({"ka": 10, "statistic": "normalized", "num_layers": config.num_hidden_layers,
+                                                       "intermediate_size": config.intermediate_size, "calibration": {}}))
+    with log:
+        for shape_name, variant_name in pending:
+            carved, options, seconds = carve(dense, calibration, shape_name, VARIANTS[variant_name], profile_path)
+            carve_s = sum(seconds.get(stage, 0.0) for stage in CARVE_STAGES)
+            row = {
+                "config": shape_name, "variant": variant_name, "carve_s": carve_s, "stages_s": seconds,
+                "carve_over_dense_forward": carve_s / dense_forward_s, "dense_forward_s": dense_forward_s,
+                **({"dense_profile_s": profile_s} if VARIANTS[variant_name].get("from_profile") else {}),
+                "active_neurons": active_neurons(options, config.intermediate_size),
+                "router_madds": router_multiply_adds(options, config.hidden_size),
+                **{name: perplexity(carved, windows) for name, windows in evaluations.items()},
+            }
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(json.dumps(row), flush=True)
+            del carved
+    order = {(shape, name): i for i, (shape, name) in enumerate((s, n) for s in ("S3A3E8", "S2A2E8", "S1A1E8") for n in VARIANTS)}
+    rows.sort(key=lambda row: order.get((row["config"], row["variant"]), len(order)))
+    write_section("Carving options (bench_ablation.py)", report(dense_row, rows, args, config, profile_s, evaluations))
+
+
+def report(dense: dict, rows: list, args, config, profile_s: float | None, evaluations: dict) -> str:
+    wiki, stories = evaluations
+    forward_times = ", ".join(sorted({f"{row['dense_forward_s']:.1f}" for row in rows}))
+    lines = [
+        f"Machine: {machine()}.",
+        f"Model: SmolLM2-135M-Instruct (GGUF, fp32, {config.num_hidden_layers} layers, FFN {config.intermediate_size}). "
+        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of wiki.valid.tokens, seed 0. Evaluation: {wiki} first "
+        f"{evaluations[wiki].shape[0]} windows x {args.seqlen} ({evaluations[wiki].numel()} tokens); {stories}: all "
+        f"{evaluations[stories].shape[0]} windows x {args.seqlen} ({evaluations[stories].numel()} tokens); GPTQ protocol.",
+        f"Dense perplexity: {wiki} {dense[wiki]:.2f}, {stories} {dense[stories]:.2f}. One dense forward pass over the "
+        f"calibration tokens: {forward_times} s (measured in each run); "
+        f"the dense profile used by the from-profile rows took {profile_s or 0:.1f} s (not counted in their carve time).",
+        "Gap = ln(ppl carved) - ln(ppl dense). Active neurons: FFN neurons computed per token per layer (of "
+        f"{config.intermediate_size}); router: multiply-adds per token per layer. Carve time: capture + profile + "
+        "group + propagate, over one dense forward pass.",
+        "",
+        f"| config | options | active neurons | router madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | carve / dense forward |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['config']} | {row['variant']} | {row['active_neurons']} | {row['router_madds']} | "
+            f"{row[wiki]:.2f} | {math.log(row[wiki] / dense[wiki]):.2f} | {row[stories]:.2f} | "
+            f"{math.log(row[stories] / dense[stories]):.2f} | {row['carve_s']:.1f} | {row['carve_over_dense_forward']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
