@@ -1,7 +1,7 @@
 """Ablation of the carving options on SmolLM2-135M: the faithful reference, each option alone, the preset.
 
-Calibration: 8 seeded windows of 2,048 tokens of wiki.valid.tokens (options were chosen on layer-wise
-output error on these tokens only, never on the evaluation texts). Evaluation: the first --eval-windows
+Calibration: 8 seeded windows of 2,048 tokens of wiki.valid.tokens. The preset's options were chosen by
+bench_preset_selection.py on held-out wiki.valid windows, never on the evaluation texts. Evaluation: the first --eval-windows
 windows of 2,048 tokens of wiki.test.raw and every 2,048-token window of the TinyStories validation
 excerpt (a second domain). Everything runs in this process (the dense model is loaded once); carve
 time is the sum of the carving stages, compared with one dense forward pass over the calibration
@@ -32,10 +32,10 @@ VARIANTS: dict[str, dict] = {
     "--shared-by contribution": {"shared_by": "contribution"},
     "--grouping kmeans": {"grouping": "kmeans"},
     "--router linear": {"router": "linear"},
+    "--budget adaptive": {"budget": "adaptive"},
     "--preset quality": {"preset": "quality"},
-    "--preset quality --profile (dense statistics)": {"preset": "quality", "from_profile": True},
 }
-CARVE_STAGES = ("capture", "profile", "group", "propagate")
+CARVE_STAGES = ("capture", "profile", "group", "budget", "propagate")
 
 
 def load_windows(tokenizer, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -54,31 +54,21 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return math.exp(total / predicted)
 
 
-def carve(dense, calibration: torch.Tensor, shape_name: str, variant: dict, profile_path: Path) -> tuple:
+def carve(dense, calibration: torch.Tensor, shape_name: str, variant: dict) -> tuple:
     from cmoe.artifacts import StageTimer
-    from cmoe.carving import carve_from_profile, carve_sequential
+    from cmoe.carving import carve_sequential
     from cmoe.config import MoEShape
     from cmoe.options import CarveOptions, with_preset
-    from cmoe.profile_io import ProfileFile
 
     settings = dict(variant)
-    from_profile = settings.pop("from_profile", False)
     options = CarveOptions(MoEShape.parse(shape_name))
     if "preset" in settings:
         options = with_preset(options, settings.pop("preset"))
     options = CarveOptions(**{**options.__dict__, **settings})
     model = copy.deepcopy(dense)
     timer = StageTimer()
-    if from_profile:
-        carved = carve_from_profile(model, ProfileFile(profile_path), options, timer)
-    else:
-        carved = carve_sequential(model, calibration, options, 1, torch.device("cpu"), timer)
+    carved = carve_sequential(model, calibration, options, 1, torch.device("cpu"), timer)
     return carved, options, timer.seconds
-
-
-def active_neurons(options, intermediate_size: int) -> int:
-    spec = options.shape.layer_spec(intermediate_size, options.router)
-    return spec["shared_size"] + spec["top_k"] * spec["expert_size"]
 
 
 def router_multiply_adds(options, hidden_size: int) -> int:
@@ -99,9 +89,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     from cmoe.calibration import calibration_windows, load_text, tokenize_text
-    from cmoe.carving import profile_model, profile_metadata
+    from cmoe.carved_io import mean_active_neurons
     from cmoe.loading import load_model, load_tokenizer, resolve_source
-    from cmoe.profile_io import StreamingSafetensorsWriter
 
     source = resolve_source(str(smollm2_gguf()))
     tokenizer = load_tokenizer(source)
@@ -128,25 +117,15 @@ def main() -> None:
     done = {(row["config"], row["variant"]) for row in rows}
     pending = [(shape, name) for shape in args.configs.split(",") for name in args.variants.split(",") if (shape, name) not in done]
 
-    work = Path(tempfile.mkdtemp(prefix="cmoe-ablation-"))
-    profile_path = work / "dense.profile.safetensors"
-    profile_s = next((row["dense_profile_s"] for row in rows if "dense_profile_s" in row), None)
-    if any(VARIANTS[name].get("from_profile") for _, name in pending):
-        writer = StreamingSafetensorsWriter(work)
-        start = time.perf_counter()
-        profile_model(dense, calibration, 10, 1, torch.device("cpu"), writer)
-        profile_s = time.perf_counter() - start
-        writer.finish(profile_path, profile_metadata({"ka": 10, "statistic": "normalized", "num_layers": config.num_hidden_layers,
-                                                       "intermediate_size": config.intermediate_size, "calibration": {}}))
     with log:
         for shape_name, variant_name in pending:
-            carved, options, seconds = carve(dense, calibration, shape_name, VARIANTS[variant_name], profile_path)
+            carved, options, seconds = carve(dense, calibration, shape_name, VARIANTS[variant_name])
             carve_s = sum(seconds.get(stage, 0.0) for stage in CARVE_STAGES)
             row = {
                 "config": shape_name, "variant": variant_name, "carve_s": carve_s, "stages_s": seconds,
                 "carve_over_dense_forward": carve_s / dense_forward_s, "dense_forward_s": dense_forward_s,
-                **({"dense_profile_s": profile_s} if VARIANTS[variant_name].get("from_profile") else {}),
-                "active_neurons": active_neurons(options, config.intermediate_size),
+                "active_neurons": mean_active_neurons(carved.config),
+                "active_experts_per_layer": [spec["top_k"] for spec in carved.config.cmoe_layers],
                 "router_madds": router_multiply_adds(options, config.hidden_size),
                 **{name: perplexity(carved, windows) for name, windows in evaluations.items()},
             }
@@ -157,10 +136,10 @@ def main() -> None:
             del carved
     order = {(shape, name): i for i, (shape, name) in enumerate((s, n) for s in ("S3A3E8", "S2A2E8", "S1A1E8") for n in VARIANTS)}
     rows.sort(key=lambda row: order.get((row["config"], row["variant"]), len(order)))
-    write_section("Carving options (bench_ablation.py)", report(dense_row, rows, args, config, profile_s, evaluations))
+    write_section("Carving options (bench_ablation.py)", report(dense_row, rows, args, config, evaluations))
 
 
-def report(dense: dict, rows: list, args, config, profile_s: float | None, evaluations: dict) -> str:
+def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
     wiki, stories = evaluations
     forward_times = ", ".join(sorted({f"{row['dense_forward_s']:.1f}" for row in rows}))
     lines = [
@@ -170,21 +149,31 @@ def report(dense: dict, rows: list, args, config, profile_s: float | None, evalu
         f"{evaluations[wiki].shape[0]} windows x {args.seqlen} ({evaluations[wiki].numel()} tokens); {stories}: all "
         f"{evaluations[stories].shape[0]} windows x {args.seqlen} ({evaluations[stories].numel()} tokens); GPTQ protocol.",
         f"Dense perplexity: {wiki} {dense[wiki]:.2f}, {stories} {dense[stories]:.2f}. One dense forward pass over the "
-        f"calibration tokens: {forward_times} s (measured in each run); "
-        f"the dense profile used by the from-profile rows took {profile_s or 0:.1f} s (not counted in their carve time).",
-        "Gap = ln(ppl carved) - ln(ppl dense). Active neurons: FFN neurons computed per token per layer (of "
-        f"{config.intermediate_size}); router: multiply-adds per token per layer. Carve time: capture + profile + "
-        "group + propagate, over one dense forward pass.",
+        f"calibration tokens: {forward_times} s (measured in each run).",
+        "Gap = ppl carved / ppl dense - 1 (the issue's definition). Active neurons: FFN neurons computed per token, "
+        f"mean over layers (of {config.intermediate_size}); FFN madds: multiply-adds per token per layer, mean over "
+        f"layers, of the active experts (3 x {config.hidden_size} per neuron) plus the router (dense FFN: "
+        f"{3 * config.hidden_size * config.intermediate_size:,}). Carve time: capture + profile + group + budget + "
+        "propagate, over one dense forward pass.",
         "",
-        f"| config | options | active neurons | router madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | carve / dense forward |",
+        f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | carve / dense forward |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        madds = 3 * config.hidden_size * row["active_neurons"] + row["router_madds"]
+        ratio = row.get("carve_over_dense_forward")
+        ratio_text = f"{ratio:.2f}x" if ratio else f"{row['carve_s'] / row['dense_forward_s']:.2f}x*"
         lines.append(
-            f"| {row['config']} | {row['variant']} | {row['active_neurons']} | {row['router_madds']} | "
-            f"{row[wiki]:.2f} | {math.log(row[wiki] / dense[wiki]):.2f} | {row[stories]:.2f} | "
-            f"{math.log(row[stories] / dense[stories]):.2f} | {row['carve_s']:.1f} | {row['carve_over_dense_forward']:.2f}x |"
+            f"| {row['config']} | {row['variant']} | {row['active_neurons']:g} | {madds:,.0f} | "
+            f"{row[wiki]:.2f} | {row[wiki] / dense[wiki] - 1:.2f} | {row[stories]:.2f} | "
+            f"{row[stories] / dense[stories] - 1:.2f} | {row['carve_s']:.1f} | {ratio_text} |"
         )
+    if any(not row.get("carve_over_dense_forward") for row in rows):
+        lines += ["", "\\* logged before runs recorded their own dense forward time: timed against the dense forward pass of the run that wrote this table."]
+    adaptive = [row for row in rows if len(set(row.get("active_experts_per_layer", [0]))) > 1]
+    if adaptive:
+        lines += ["", "Active routed experts per layer (layer 0 first) chosen by the adaptive budget:", ""]
+        lines += [f"- {row['config']} {row['variant']}: {' '.join(map(str, row['active_experts_per_layer']))}" for row in adaptive]
     return "\n".join(lines)
 
 

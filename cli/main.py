@@ -114,13 +114,16 @@ def carve(
     seqlen: SeqlenOpt = 2048,
     seed: SeedOpt = 0,
     ka: KaOpt = 10,
-    preset: Annotated[str, typer.Option("--preset", help="reference (the CMoE reference, faithfully) or quality (the measured winners: shared by contribution, k-means grouping, linear router). Options given explicitly override the preset.")] = "reference",
+    preset: Annotated[str, typer.Option("--preset", help="reference (the CMoE reference, faithfully) or quality (linear router + adaptive budget, chosen on held-out calibration-domain text; sequential carving only). Options given explicitly override the preset.")] = "reference",
     statistic: StatisticOpt = None,
     shared_by: Annotated[Optional[str], typer.Option("--shared-by", help="Shared-expert neurons: rate (most often marked, reference) or contribution (largest mean |h_i| |W_down[:, i]|).")] = None,
     grouping: Annotated[Optional[str], typer.Option("--grouping", help="Routed experts: hamming (one balanced assignment on mark columns, reference) or kmeans (balanced k-means on contribution co-activation).")] = None,
     kmeans_iterations: Annotated[Optional[int], typer.Option("--kmeans-iterations", help="Refinement passes of --grouping kmeans (0: one assignment to the seeds).")] = None,
     representative: Annotated[Optional[str], typer.Option("--representative", help="Analytic router's neuron per expert: centroid (reference) or most-active.")] = None,
-    router: Annotated[Optional[str], typer.Option("--router", help="analytic (reference: representative neurons) or linear (fitted in closed form to predict each expert's output).")] = None,
+    router: Annotated[Optional[str], typer.Option("--router", help="analytic (reference: representative neurons), linear (fitted in closed form to predict each expert's output) or noisy-topk (Shazeer 2017, random start: for `cmoe finetune`).")] = None,
+    method: Annotated[str, typer.Option("--method", help="Expert construction: cmoe (reference), random, clustering (balanced k-means on W_up rows), sharing-inner or sharing-inter (gradient importance per data group; LLaMA-MoE). Only cmoe and sharing-inter build shared experts.")] = "cmoe",
+    rescale: Annotated[bool, typer.Option("--rescale", help="Scale the selected experts' outputs by n/k (LLaMA-MoE), folded into their down_proj.")] = False,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Active experts per layer: uniform (N_k everywhere, reference) or adaptive (the same total, spread over the layers to minimise measured output error; sequential carving only).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
@@ -136,9 +139,9 @@ def carve(
     shape = _shape(config, shared, active, experts, MoEShape)
     explicit = {
         "statistic": statistic, "shared_by": shared_by, "grouping": grouping, "kmeans_iterations": kmeans_iterations,
-        "representative": representative, "router": router,
+        "representative": representative, "router": router, "budget": budget,
     }
-    options = with_preset(CarveOptions(shape=shape, ka=ka), preset)
+    options = with_preset(CarveOptions(shape=shape, ka=ka, method=method, seed=seed, rescale=rescale), preset)
     options = replace(options, **{name: value for name, value in explicit.items() if value is not None})
     calibration = None if profile_file else Calibration(data, nsamples, seqlen, seed)
     with _layer_progress(f"carve {shape.name}") as on_layer:
@@ -181,6 +184,109 @@ def perplexity(
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
         typer.echo(f"perplexity {result.perplexity:.4f} (seqlen {result.seqlen}, {result.windows} windows, {result.tokens} tokens)")
+
+
+@eval_app.command()
+def routing(
+    model: Annotated[str, typer.Argument(help="Carved model directory (from `cmoe carve`).", show_default=False)],
+    data: Annotated[list[str], typer.Option("--data", help="A data source as NAME=SOURCE, repeatable (e.g. --data wiki=wikitext2 --data stories=stories.txt).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the PNGs and routing.json to.")],
+    layer: Annotated[Optional[int], typer.Option("--layer", help="Layer of the distance matrix and the per-source load figure (default: the last carved layer).")] = None,
+    seqlen: SeqlenOpt = 2048,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Windows per source (first N, GPTQ protocol).")] = 8,
+    split: Annotated[str, typer.Option("--split", help="Split of a named source: test, validation or train.")] = "test",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = 1,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Expert load per layer and data source, balance figures, heatmaps and routing distances (LLaMA-MoE figures 4 and 5)."""
+    from cmoe.routing_analysis import run_routing_eval
+
+    with _layer_progress("routing") as on_layer:
+        report = run_routing_eval(model, data, output, layer, seqlen, max_windows, split, device, dtype, batch_size, overwrite, on_layer)
+    console.print(f"wrote {output} ({len(report['sources'])} sources, {len(report['layers'])} layers, distances at layer {report['distance_layer']})")
+
+
+@contextmanager
+def _training_progress() -> Iterator:
+    """A rich progress bar over optimizer steps with loss, tokens/s and ETA, shown from the first step."""
+    columns = (
+        TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
+        TextColumn("{task.fields[speed]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    progress = Progress(*columns, console=console)
+    task = None
+
+    def on_step(report) -> None:
+        nonlocal task
+        losses = f"loss {report.loss:.4f}" + ("" if report.balance_loss is None else f" balance {report.balance_loss:.4f}")
+        if task is None:
+            progress.start()
+            task = progress.add_task("finetune", total=report.total, losses=losses, speed=report.tokens_per_second)
+        progress.update(task, completed=report.step, total=report.total, losses=losses, speed=report.tokens_per_second)
+
+    try:
+        yield on_step
+    finally:
+        progress.stop()
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="Carved model directory (from `cmoe carve`).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the fine-tuned carved model to; checkpoints go to OUT.checkpoints/.")],
+    data: Annotated[list[str], typer.Option("--data", help="Training text, repeatable for a mixture: SOURCE or SOURCE:WEIGHT (e.g. a.jsonl:0.7 --data b.txt:0.3; weight 1 by default).")],
+    mixture: Annotated[str, typer.Option("--mixture", help="static (fixed --data weights) or dynamic (re-weight domains every --mixture-every steps by their loss gap to the dense model).")] = "static",
+    mixture_every: Annotated[int, typer.Option("--mixture-every", help="Steps between dynamic mixture updates.")] = 50,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Dense model for --mixture dynamic (default: the carved model's source when it is a local path).")] = None,
+    heldout_windows: Annotated[int, typer.Option("--heldout-windows", help="Windows at the end of each --data source held out of training to measure the dynamic mixture's losses.")] = 4,
+    full: Annotated[bool, typer.Option("--full", help="Train every weight instead of LoRA adapters.")] = False,
+    train_router: Annotated[bool, typer.Option("--train-router/--freeze-router", help="Train the routers: scales u, and a noisy-topk gate's weights (own learning rate --router-lr).")] = True,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of the LoRA adapters (or of every weight with --full); CMoE paper 5.95e-5.")] = 5.95e-5,
+    router_lr: Annotated[float, typer.Option("--router-lr", help="Learning rate of the router parameters (scales u; noisy-topk gate and noise weights).")] = 1e-3,
+    bias_speed: Annotated[float, typer.Option("--bias-speed", help="Step of the sign-rule update of the balancing bias b after each optimizer step (0: frozen).")] = 1e-3,
+    balance_coef: Annotated[float, typer.Option("--balance-coef", help="Weight of the balance loss of routers that define one (e.g. noisy top-k); others add nothing.")] = 0.01,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha.")] = 32,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")] = 0.1,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the --nsamples windows.")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (a checkpoint is kept for --resume).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch (per process).")] = 2,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass to save memory.")] = False,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out text for perplexity at the start, every --eval-every steps and at the end.")] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evaluations on --eval-data (0: start and end only).")] = 0,
+    eval_windows: Annotated[int, typer.Option("--eval-windows", help="Windows of --eval-data evaluated (GPTQ protocol, first N).")] = 8,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: only when stopped by --max-steps).")] = 100,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.checkpoints/ (same options).")] = False,
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Training windows per epoch.")] = 2048,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per training window.")] = 2048,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Recovery fine-tuning of a carved model (CMoE's LoRA recipe; LLaMA-MoE's static or dynamic data mixtures)."""
+    from cmoe.finetune import FinetuneOptions, run_finetune
+
+    options = FinetuneOptions(
+        nsamples=nsamples, seqlen=seqlen, seed=seed, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, router_lr=router_lr, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, train_router=train_router, bias_speed=bias_speed, balance_coef=balance_coef,
+        grad_checkpointing=grad_checkpointing, mixture=mixture, mixture_every=mixture_every,
+        heldout_windows=heldout_windows, eval_every=eval_every,
+        eval_windows=eval_windows, checkpoint_every=checkpoint_every,
+    )
+    with _training_progress() as on_step:
+        recipe = run_finetune(model, data, output, options, eval_data, reference, device, dtype, overwrite, resume, on_step)
+    if recipe is None:  # not the main process of an `accelerate launch` run: that one reports
+        return
+    summary = recipe["finetune"]
+    curve = summary["eval_curve"]
+    quality = f", perplexity {curve[0]['perplexity']:.2f} -> {curve[-1]['perplexity']:.2f}" if len(curve) > 1 else ""
+    console.print(f"wrote {output} ({summary['steps']} steps, {summary['tokens']} tokens, "
+                  f"{summary['tokens_per_second'] or 0:.0f} tok/s{quality})", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,8 +23,11 @@ def _copy_swiglu(target: nn.Module, dense: nn.Module, neurons: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def build_block(dense: nn.Module, partition: Partition, spec: dict, hidden_act: str, stats: ActivationStats) -> CMoEBlock:
-    """A CMoEBlock holding exactly the dense MLP's neurons, split as the partition says."""
+def build_block(
+    dense: nn.Module, partition: Partition, spec: dict, hidden_act: str, stats: ActivationStats, seed: int = 0
+) -> CMoEBlock:
+    """A CMoEBlock holding exactly the dense MLP's neurons, split as the partition says (`seed` for
+    routers that start random)."""
     weight = dense.gate_proj.weight
     with torch.device("meta"):
         block = CMoEBlock(weight.shape[1], hidden_act, spec)
@@ -33,8 +36,16 @@ def build_block(dense: nn.Module, partition: Partition, spec: dict, hidden_act: 
         _copy_swiglu(block.shared, dense, partition.shared)
     for expert, neurons in zip(block.experts, partition.experts):
         _copy_swiglu(expert, dense, neurons)
-    router_state = ROUTER_BUILDERS[spec["router"]](dense, partition, stats)
+    router_state = ROUTER_BUILDERS[spec["router"]](dense, partition, stats, seed)
     router_state["scale"] = torch.zeros(spec["num_experts"])
     router_state["bias"] = torch.zeros(spec["num_experts"])
     block.router.load_state_dict(router_state)
     return block
+
+
+@torch.no_grad()
+def scale_routed_outputs(block: CMoEBlock, factor: float) -> None:
+    """Multiply every routed expert's output by `factor` (LLaMA-MoE's n/k), folded into its down_proj:
+    exact, because the gate value multiplies the expert's output linearly."""
+    for expert in block.experts:
+        expert.down_proj.weight.mul_(factor)

@@ -17,9 +17,28 @@ AUTO_MAP = {
 }
 
 
+def without_gguf_quantization(config):
+    """Drop the `quantization_config` a carved config's text config inherits from a GGUF source: carved
+    weights are plain tensors, and transformers would attach a GGUF quantizer that refuses to save them."""
+    text_config = getattr(config, "text_config", None)
+    quantization = getattr(text_config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        delattr(text_config, "quantization_config")
+    return config
+
+
+def carved_config(path: str | Path):
+    """A carved model's config, ready for `from_pretrained(path, config=...)` (see without_gguf_quantization)."""
+    from transformers import AutoConfig
+
+    return without_gguf_quantization(AutoConfig.from_pretrained(path))
+
+
 def save_carved(model: nn.Module, tokenizer, directory: Path, recipe: dict) -> None:
     """Weights (safetensors), config with auto_map, modeling code, tokenizer, recipe and model card."""
     directory.mkdir(parents=True)
+    without_gguf_quantization(model.config)
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -36,17 +55,28 @@ def load_carved(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CmoeError(f"{path}: not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    if getattr(model.config, "model_type", "") != "cmoe":
-        raise CmoeError(f"{path}: not a carved model (model_type {model.config.model_type!r})")
+    config = carved_config(path)
+    if getattr(config, "model_type", "") != "cmoe":
+        raise CmoeError(f"{path}: not a carved model (model_type {config.model_type!r})")
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto")
     return model.to(device).eval()
+
+
+def mean_active_neurons(config) -> float:
+    """FFN neurons computed per token, averaged over layers (a dense layer computes all of them)."""
+    widths = [
+        spec["shared_size"] + spec["top_k"] * spec["expert_size"] if spec else config.text_config.intermediate_size
+        for spec in config.cmoe_layers
+    ]
+    return sum(widths) / len(widths)
 
 
 def model_card(model: nn.Module, recipe: dict) -> str:
     text_config = model.config.text_config
     spec = next(spec for spec in model.config.cmoe_layers if spec)
     dense_ffn = text_config.intermediate_size
-    active = spec["shared_size"] + spec["top_k"] * spec["expert_size"]
+    active = mean_active_neurons(model.config)
+    per_layer = [layer["top_k"] if layer else "dense" for layer in model.config.cmoe_layers]
     calibration = recipe.get("calibration") or {}
     timings = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in recipe.get("timings_s", {}).items())
     return f"""---
@@ -62,8 +92,10 @@ arXiv 2502.04416) from the dense `{text_config.model_type}` model `{recipe.get('
 |---|---|
 | configuration | {recipe.get('config')} (shared {recipe.get('shared_experts')}, active routed {recipe.get('active_experts')}, experts {recipe.get('experts')}) |
 | FFN neurons per layer | {dense_ffn} dense; shared block {spec['shared_size']}, {spec['num_experts']} routed experts of {spec['expert_size']} |
-| active FFN neurons per token | {active} of {dense_ffn} ({active / dense_ffn:.1%}) |
-| router | {spec['router']} (training-free) |
+| active FFN neurons per token | {active:g} of {dense_ffn} ({active / dense_ffn:.1%}), mean over layers |
+| active routed experts per layer | {', '.join(map(str, per_layer))} (budget {recipe.get('budget', 'uniform')}) |
+| construction method | {recipe.get('method', 'cmoe')}{', routed outputs rescaled by n/k' if recipe.get('rescale') else ''} |
+| router | {spec['router']} ({'random start: train it with `cmoe finetune`' if spec['router'] == 'noisy-topk' else 'training-free'}) |
 | K_a | {recipe.get('ka')} |
 | calibration | {calibration.get('source', calibration.get('path', 'profile'))}: {recipe.get('nsamples', '-')} windows of {recipe.get('seqlen', '-')} tokens, seed {recipe.get('seed')} |
 | mode | {recipe.get('mode')} |

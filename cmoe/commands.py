@@ -9,8 +9,9 @@ from transformers import PreTrainedConfig
 
 from cmoe.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions
 from cmoe.calibration import calibration_windows, evaluation_windows, load_text, tokenize_text
-from cmoe.carved_io import save_carved
+from cmoe.carved_io import mean_active_neurons, save_carved
 from cmoe.carving import carve_from_profile, carve_recipe, carve_sequential, profile_metadata, profile_model
+from cmoe.construction import METHODS
 from cmoe.errors import CmoeError
 from cmoe.loading import (
     ModelSource,
@@ -155,6 +156,10 @@ def run_carve(
     timer = StageTimer()
     started = time.perf_counter()
     check_output_path(output, overwrite)
+    if profile is not None and options.budget == "adaptive":
+        raise CmoeError("--budget adaptive (part of --preset quality) measures each carved layer on calibration data: drop --profile or pass --budget uniform")
+    if profile is not None and METHODS[options.method].needs_gradients:
+        raise CmoeError(f"--method {options.method} needs a gradient pass over calibration data: drop --profile")
     prepared = _prepare_model(model, compute, dense_only=True)
     dense_config = prepared.config
     options.check(dense_config.intermediate_size)
@@ -181,6 +186,8 @@ def run_carve(
             carved = carve_from_profile(dense, saved, options, timer, on_layer)
         else:
             carved = carve_sequential(dense, windows, options, compute.batch_size, prepared.device, timer, on_layer)
+    recipe["active_experts_per_layer"] = [spec["top_k"] for spec in carved.config.cmoe_layers]
+    recipe["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
     with atomic_output(output, overwrite) as staging:
         with timer.stage("save"):
             recipe["timings_s"] = timer.rounded()

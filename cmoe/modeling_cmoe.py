@@ -39,6 +39,13 @@ class Routing(NamedTuple):
     probs: torch.Tensor
 
 
+def select_experts(probs: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, top_k: int) -> Routing:
+    """CMoE's selection: top-k of `probs + bias` (the bias only steers selection), gate `1 + p * scale`."""
+    indices = (probs + bias.float()).topk(top_k, dim=-1).indices
+    weights = 1.0 + probs.gather(-1, indices) * scale.float()[indices]
+    return Routing(indices, weights, probs)
+
+
 class AnalyticRouter(nn.Module):
     """CMoE's training-free router.
 
@@ -47,6 +54,8 @@ class AnalyticRouter(nn.Module):
     steers selection), gate = `1 + p * scale`. `scale` (u in the paper) and `bias` (b) start at zero,
     so a training-free model weights every selected expert by exactly 1.
     """
+
+    FINETUNED = ("scale",)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, hidden_act: str):
         super().__init__()
@@ -57,18 +66,19 @@ class AnalyticRouter(nn.Module):
         self.scale = nn.Parameter(torch.zeros(num_experts))
         self.register_buffer("bias", torch.zeros(num_experts))
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.act_fn(self.gate_proj(x)) * self.up_proj(x)).abs().float().softmax(dim=-1)
+
     def forward(self, x: torch.Tensor) -> Routing:
-        scores = (self.act_fn(self.gate_proj(x)) * self.up_proj(x)).abs().float()
-        probs = scores.softmax(dim=-1)
-        indices = (probs + self.bias.float()).topk(self.top_k, dim=-1).indices
-        weights = 1.0 + probs.gather(-1, indices) * self.scale.float()[indices]
-        return Routing(indices, weights, probs)
+        return select_experts(self.probabilities(x), self.bias, self.scale, self.top_k)
 
 
 class LinearRouter(nn.Module):
     """A linear router (`proj`, with intercept) fitted in closed form to predict how much output each
     expert carries for a token; then the same softmax, biased top-k and `1 + p * scale` gate as
     AnalyticRouter."""
+
+    FINETUNED = ("scale",)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, hidden_act: str):
         super().__init__()
@@ -77,14 +87,86 @@ class LinearRouter(nn.Module):
         self.scale = nn.Parameter(torch.zeros(num_experts))
         self.register_buffer("bias", torch.zeros(num_experts))
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).float().softmax(dim=-1)
+
     def forward(self, x: torch.Tensor) -> Routing:
-        probs = self.proj(x).float().softmax(dim=-1)
-        indices = (probs + self.bias.float()).topk(self.top_k, dim=-1).indices
-        weights = 1.0 + probs.gather(-1, indices) * self.scale.float()[indices]
-        return Routing(indices, weights, probs)
+        return select_experts(self.probabilities(x), self.bias, self.scale, self.top_k)
 
 
-ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter}
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation (variance / mean^2): zero when the values are all equal."""
+    values = values.float()
+    if values.numel() < 2:
+        return values.new_zeros(())
+    return values.var() / (values.mean().square() + 1e-10)
+
+
+def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Shazeer et al. (2017)'s differentiable load per expert: the sum over tokens of the probability
+    that expert i stays in the top-k when only its own noise is redrawn,
+    `Phi((clean_i - threshold_i) / std_i)`, the threshold being the k-th largest noisy logit of the
+    others: the (k+1)-th largest overall when i is selected, the k-th otherwise."""
+    top = noisy.topk(top_k + 1, dim=-1).values
+    selected = noisy >= top[:, top_k - 1 : top_k]
+    threshold = torch.where(selected, top[:, top_k : top_k + 1], top[:, top_k - 1 : top_k])
+    normal = torch.distributions.Normal(0.0, 1.0)
+    return normal.cdf((clean - threshold) / noise_std).sum(dim=0)
+
+
+class NoisyTopKRouter(nn.Module):
+    """Shazeer et al. (2017)'s noisy top-k gate, randomly initialised and meant for `cmoe finetune`.
+
+    Logits `gate(x)`; in training mode plus Gaussian noise of std `softplus(noise(x))`. Selection =
+    top-k of the logits plus `bias` (bias only steers selection); gate = softmax over the selected
+    logits, times `1 + scale` (`scale` starts at zero, like the other routers'). Each training forward
+    stores `balance_loss` = CV^2 of the experts' summed gates (importance) + CV^2 of their smooth load,
+    for the trainer to add; evaluation adds no noise and stores no loss.
+    """
+
+    NOISE_FLOOR = 1e-2
+    FINETUNED = ("scale", "gate.weight", "noise.weight")
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, hidden_act: str):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.noise = nn.Linear(hidden_size, num_experts, bias=False)
+        self.scale = nn.Parameter(torch.zeros(num_experts))
+        self.register_buffer("bias", torch.zeros(num_experts))
+        self.balance_loss: torch.Tensor | None = None
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x).float().softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        clean = self.gate(x).float() + self.bias.float()
+        noise_std = None
+        logits = clean
+        if self.training:
+            noise_std = nn.functional.softplus(self.noise(x).float()) + self.NOISE_FLOOR
+            logits = clean + torch.randn_like(clean) * noise_std
+        indices = logits.topk(self.top_k, dim=-1).indices
+        unbiased = logits - self.bias.float()
+        selected = unbiased.gather(-1, indices).softmax(dim=-1)
+        weights = selected * (1.0 + self.scale.float()[indices])
+        self.balance_loss = None
+        if self.training:
+            importance = torch.zeros_like(logits).scatter(-1, indices, selected).sum(dim=0)
+            self.balance_loss = cv_squared(importance)
+            if self.top_k < logits.shape[-1]:
+                self.balance_loss = self.balance_loss + cv_squared(smooth_load(clean, logits, noise_std, self.top_k))
+        return Routing(indices, weights, unbiased.softmax(dim=-1))
+
+
+ROUTERS = {"analytic": AnalyticRouter, "linear": LinearRouter, "noisy-topk": NoisyTopKRouter}
+
+
+def finetuned_router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What `cmoe finetune` trains as router parameters (at --router-lr): each router's `FINETUNED`
+    names, i.e. every scale u, plus the gate and noise weights of a router that starts random."""
+    routers = [module for module in model.modules() if isinstance(module, tuple(ROUTERS.values()))]
+    return [parameter for router in routers for name, parameter in router.named_parameters() if name in router.FINETUNED]
 
 
 class CMoEBlock(nn.Module):
@@ -107,9 +189,9 @@ class CMoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routing = self.router(x)
         out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
-        out = out.index_add(0, *self._routed(x, routing))
+        if self.top_k:
+            out = out.index_add(0, *self._routed(x, self.router(x)))
         return out.view(shape)
 
     def _routed(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +227,7 @@ class CMoEPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(mean=0.0, std=std)
-        elif isinstance(module, (AnalyticRouter, LinearRouter)):
+        elif isinstance(module, (AnalyticRouter, LinearRouter, NoisyTopKRouter)):
             module.scale.zero_()
             module.bias.zero_()
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
@@ -218,4 +300,4 @@ class CMoEForCausalLM(CMoEPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["CMoEForCausalLM", "CMoEPreTrainedModel", "CMoEBlock", "AnalyticRouter", "LinearRouter", "SwiGLU", "ROUTERS"]
+__all__ = ["CMoEForCausalLM", "CMoEPreTrainedModel", "CMoEBlock", "AnalyticRouter", "LinearRouter", "NoisyTopKRouter", "SwiGLU", "ROUTERS"]

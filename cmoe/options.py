@@ -2,12 +2,13 @@
 
 from dataclasses import dataclass, fields, replace
 
+from cmoe.budget import BUDGETS
 from cmoe.config import MoEShape
 from cmoe.errors import CmoeError
 from cmoe.partition import GROUPINGS, REPRESENTATIVES, SHARED_CHOICES
 from cmoe.statistics import MARK_STATISTICS
 
-ROUTER_NAMES = ("analytic", "linear")
+ROUTER_NAMES = ("analytic", "linear", "noisy-topk")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,10 @@ class CarveOptions:
     kmeans_iterations: int = 5
     representative: str = "centroid"
     router: str = "analytic"
+    budget: str = "uniform"
     preset: str = "reference"
+    seed: int = 0
+    rescale: bool = False
 
     def check(self, intermediate_size: int) -> None:
         self.shape.validated(intermediate_size)
@@ -37,6 +41,7 @@ class CarveOptions:
             "grouping": GROUPINGS,
             "representative": REPRESENTATIVES,
             "router": ROUTER_NAMES,
+            "budget": BUDGETS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -44,6 +49,9 @@ class CarveOptions:
                 raise CmoeError(f"{flag} {getattr(self, name)}: expected one of {', '.join(allowed)}")
         if self.kmeans_iterations < 0:
             raise CmoeError(f"--kmeans-iterations {self.kmeans_iterations}: cannot be negative")
+        METHODS[self.method].check(self.method, self)
+        if self.rescale and self.budget == "adaptive":
+            raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget adaptive")
 
     def needed_statistics(self) -> tuple[str, ...]:
         """The optional streaming statistics (see ActivationStats) these options read."""
@@ -67,7 +75,7 @@ def check_ka(ka: int, intermediate_size: int) -> None:
 
 PRESETS: dict[str, dict] = {
     "reference": {},
-    "quality": {"shared_by": "contribution", "grouping": "kmeans", "kmeans_iterations": 5, "router": "linear"},
+    "quality": {"router": "linear", "budget": "adaptive"},
 }
 
 

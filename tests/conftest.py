@@ -49,3 +49,12 @@ def tiny_model_dir(tmp_path):
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls run fastest on one thread, and do not fight other jobs for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

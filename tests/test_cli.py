@@ -84,6 +84,7 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
         (["carve", M, "-o", "{out}", "--router", "oracle", *CAL], "--router oracle"),
         (["carve", M, "-o", "{out}", "--statistic", "energy", *CAL], "--statistic energy"),
         (["carve", M, "-o", "{out}", "--kmeans-iterations", "-1", *CAL], "--kmeans-iterations -1"),
+        (["carve", M, "-o", "{out}", "--budget", "greedy", *CAL], "--budget greedy"),
         (["profile", M, "-o", "{out}", "--statistic", "energy", *CAL], "--statistic energy"),
     ],
 )

@@ -1,5 +1,7 @@
 """The quality options (README, Options): each pinned on a small case that can be checked by hand."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,7 +117,7 @@ def test_linear_router_fit_recovers_an_exact_linear_target():
 def _quality_block(config: str, d_h: int = 48):
     mlp = tiny_llama(seed=0, intermediate_size=d_h).model.layers[0].mlp
     options = with_preset(CarveOptions(MoEShape.parse(config)), "quality")
-    probe = ProbedMLP(mlp, 4, F.silu, statistic="contribution", extras=options.needed_statistics())
+    probe = ProbedMLP(mlp, 4, F.silu, statistic=options.statistic, extras=options.needed_statistics())
     with torch.no_grad():
         probe(torch.randn(4, 30, 32))
     partition = cmoe.construction.METHODS["cmoe"](probe.stats, options)
@@ -141,18 +143,22 @@ def test_linear_router_picks_the_expert_with_the_largest_predicted_contribution(
     assert torch.equal(routing.weights, torch.ones_like(routing.weights))
 
 
-def test_quality_preset_carves_reloads_and_from_profile_checks_the_statistic(tiny_model_dir, tmp_path):
+def test_quality_preset_carves_reloads_and_from_profile_checks_options(tiny_model_dir, tmp_path):
     calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
     options = with_preset(CarveOptions(MoEShape.parse("S1A2E8")), "quality")
     recipe = run_carve(str(tiny_model_dir), tmp_path / "seq", options, calibration, compute=CPU)
-    assert recipe["preset"] == "quality" and recipe["router"] == "linear" and recipe["grouping"] == "kmeans"
+    assert recipe["preset"] == "quality" and recipe["router"] == "linear" and recipe["budget"] == "adaptive"
+    assert sum(recipe["active_experts_per_layer"]) == 2 * 2
     ids = torch.randint(0, 2000, (2, 24))
     model = cmoe.load_carved(tmp_path / "seq")
     assert torch.equal(model(ids).logits, cmoe.load_carved(tmp_path / "seq")(ids).logits)
     assert "proj.bias" in dict(model.model.layers[0].mlp.router.named_parameters())
 
     run_profile(str(tiny_model_dir), tmp_path / "p.safetensors", calibration, compute=CPU)
-    run_carve(str(tiny_model_dir), tmp_path / "fp", options, None, tmp_path / "p.safetensors", CPU)
+    with pytest.raises(CmoeError, match="--budget uniform"):
+        run_carve(str(tiny_model_dir), tmp_path / "fp", options, None, tmp_path / "p.safetensors", CPU)
+    uniform = replace(options, budget="uniform")
+    run_carve(str(tiny_model_dir), tmp_path / "fp", uniform, None, tmp_path / "p.safetensors", CPU)
     assert cmoe.load_carved(tmp_path / "fp")(ids).logits.isfinite().all()
     raw = CarveOptions(MoEShape.parse("S1A2E8"), statistic="raw")
     with pytest.raises(CmoeError, match="--statistic raw"):

@@ -1,0 +1,122 @@
+"""How `--preset quality` was chosen: candidate option sets scored on held-out wiki.valid windows only.
+
+The calibration windows (8 x 2,048 tokens of wiki.valid.tokens, seed 0) are the ablation's; the
+held-out windows are the last --heldout consecutive 2,048-token windows of wiki.valid.tokens that do
+not overlap any calibration window. No evaluation text of the ablation table (wiki.test.raw, the
+TinyStories excerpt) is read here. The preset is the candidate with the smallest summed log held-out
+perplexity over the configurations. Carve time is measured by bench_ablation.py, not here: balanced
+k-means grouping (2.3x one dense forward pass) is not a candidate because it breaks the preset's 1.3x
+budget; the contribution statistic lost alone and the representative choice does nothing with the
+linear router. Rows stream to a JSON-lines log (a rerun with
+the same --log resumes), then the "Preset selection (bench_preset_selection.py)" section of
+RESULTS.md is written.
+
+    python benchmarks/bench_preset_selection.py [--configs S3A3E8,S1A1E8] [--candidates NAME,...]
+"""
+
+import argparse
+import json
+import math
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench_ablation import carve, perplexity
+from common import WIKI_VALID, machine, smollm2_gguf, write_section
+
+CANDIDATES: dict[str, dict] = {
+    "reference": {},
+    "linear router": {"router": "linear"},
+    "linear router + adaptive budget": {"router": "linear", "budget": "adaptive"},
+    "linear router + adaptive budget + shared by contribution": {"router": "linear", "budget": "adaptive", "shared_by": "contribution"},
+}
+
+
+def calibration_and_heldout(tokens: torch.Tensor, nsamples: int, seqlen: int, heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ablation's calibration windows (same seed and draw as `calibration_windows`) and held-out ones."""
+    rng = random.Random(0)
+    starts = [rng.randint(0, tokens.numel() - seqlen) for _ in range(nsamples)]
+    calibration = torch.stack([tokens[start : start + seqlen] for start in starts])
+    free = [
+        tokens[index * seqlen : (index + 1) * seqlen]
+        for index in range(tokens.numel() // seqlen)
+        if all((index + 1) * seqlen <= start or index * seqlen >= start + seqlen for start in starts)
+    ]
+    return calibration, torch.stack(free[-heldout:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="S3A3E8,S1A1E8")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names from CANDIDATES")
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--heldout", type=int, default=8)
+    parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-preset-selection.jsonl")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    from cmoe.calibration import calibration_windows, load_text, tokenize_text
+    from cmoe.loading import load_model, load_tokenizer, resolve_source
+
+    source = resolve_source(str(smollm2_gguf()))
+    dense = load_model(source, torch.float32)
+    tokens = tokenize_text(load_text(str(WIKI_VALID), "train").text, load_tokenizer(source))
+    calibration, heldout = calibration_and_heldout(tokens, args.nsamples, args.seqlen, args.heldout)
+    assert torch.equal(calibration, calibration_windows(tokens, args.nsamples, args.seqlen, 0))
+
+    rows = [json.loads(line) for line in args.log.read_text().splitlines()] if args.log.exists() else []
+    with args.log.open("a") as log:
+        if not any(row["candidate"] == "dense" for row in rows):
+            rows.append({"config": "-", "candidate": "dense", "heldout_ppl": perplexity(dense, heldout)})
+            log.write(json.dumps(rows[-1]) + "\n")
+        done = {(row["config"], row["candidate"]) for row in rows}
+        for shape_name in args.configs.split(","):
+            for name in args.candidates.split(","):
+                if (shape_name, name) in done:
+                    continue
+                carved, _, _ = carve(dense, calibration, shape_name, CANDIDATES[name])
+                rows.append({
+                    "config": shape_name, "candidate": name, "heldout_ppl": perplexity(carved, heldout),
+                    "active_experts_per_layer": [layer["top_k"] for layer in carved.config.cmoe_layers],
+                })
+                log.write(json.dumps(rows[-1]) + "\n")
+                log.flush()
+                print(json.dumps(rows[-1]), flush=True)
+                del carved
+    write_section("Preset selection (bench_preset_selection.py)", report(rows, args, heldout.shape[0]))
+
+
+def report(rows: list, args, heldout_windows: int) -> str:
+    dense = next(row["heldout_ppl"] for row in rows if row["candidate"] == "dense")
+    carved = [row for row in rows if row["candidate"] != "dense"]
+    configs = sorted({row["config"] for row in carved})
+    scores = {
+        name: sum(math.log(row["heldout_ppl"] / dense) for row in carved if row["candidate"] == name)
+        for name in {row["candidate"] for row in carved}
+        if {row["config"] for row in carved if row["candidate"] == name} == set(configs)
+    }
+    winner = min(scores, key=scores.get)
+    lines = [
+        f"Machine: {machine()}.",
+        f"SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens (seed 0); scored on "
+        f"{heldout_windows} held-out windows x {args.seqlen} of wiki.valid.tokens that overlap no calibration window "
+        f"(dense perplexity {dense:.2f}). Score: summed ln(ppl / dense) over {', '.join(configs)}; lowest: **{winner}**.",
+        "",
+        "| config | candidate | held-out wiki.valid ppl | gap (ppl / dense - 1) | active routed experts per layer |",
+        "|---|---|---|---|---|",
+    ]
+    for row in carved:
+        per_layer = row["active_experts_per_layer"]
+        layout = "uniform" if len(set(per_layer)) == 1 else " ".join(map(str, per_layer))
+        lines.append(
+            f"| {row['config']} | {row['candidate']} | {row['heldout_ppl']:.2f} | {row['heldout_ppl'] / dense - 1:.2f} | {layout} |"
+        )
+    lines += ["", "| candidate | score |", "|---|---|"] + [f"| {name} | {score:.3f} |" for name, score in sorted(scores.items(), key=lambda item: item[1])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
