@@ -16,15 +16,9 @@ from pathlib import Path
 
 import torch
 
-from common import WIKI_TEST, WIKI_VALID, dump, machine, median_seconds, run_cli, smollm2_gguf, write_section
+from common import WIKI_VALID, cli_perplexity, dump, machine, median_seconds, run_cli, smollm2_gguf, write_section
 
 CONFIGS = ("S3A3E8", "S1A1E8")
-
-
-def perplexity(model: str, windows: int, seqlen: int) -> dict:
-    seconds, rss, out = run_cli("eval", "perplexity", model, "--data", str(WIKI_TEST), "--seqlen", str(seqlen),
-                                "--max-windows", str(windows), "--json", "--device", "cpu")
-    return {**json.loads(out), "wall_s": seconds, "peak_rss_mib": rss}
 
 
 def calibration_windows_of(gguf: Path, nsamples: int, seqlen: int) -> torch.Tensor:
@@ -65,7 +59,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cmoe-bench-"))
     calib = ["--data", str(WIKI_VALID), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]
 
-    results = {"dense": perplexity(str(gguf), args.eval_windows, args.seqlen)}
+    results = {"dense": cli_perplexity(str(gguf), args.eval_windows, args.seqlen)}
     profile = work / "dense.profile.safetensors"
     seconds, rss, _ = run_cli("profile", str(gguf), "-o", str(profile), *calib)
     results["profile"] = {"wall_s": seconds, "peak_rss_mib": rss}
@@ -76,7 +70,7 @@ def main() -> None:
             recipe = json.loads((out / "cmoe_recipe.json").read_text())
             results[f"{config}/{mode}"] = {
                 "carve_wall_s": seconds, "carve_peak_rss_mib": rss, "timings_s": recipe["timings_s"],
-                "eval": perplexity(str(out), args.eval_windows, args.seqlen), "path": str(out),
+                "eval": cli_perplexity(str(out), args.eval_windows, args.seqlen), "path": str(out),
             }
 
     import cmoe

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from common import (
-    WIKI_TEST,
     WIKI_VALID,
+    cli_perplexity,
     dump,
     machine,
     run_cli,
@@ -27,12 +27,6 @@ from common import (
 )
 
 CONFIG = "S1A1E8"
-
-
-def perplexity(model: str, windows: int) -> dict:
-    seconds, rss, out = run_cli("eval", "perplexity", model, "--data", str(WIKI_TEST), "--seqlen", "2048",
-                                "--max-windows", str(windows), "--json", "--device", "cpu")
-    return {**json.loads(out), "wall_s": seconds, "peak_rss_mib": rss}
 
 
 def main() -> None:
@@ -50,17 +44,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     carved, tuned = work / CONFIG, work / f"{CONFIG}-finetuned"
 
-    results = {"dense": perplexity(str(gguf), args.eval_windows)}
+    results = {"dense": cli_perplexity(str(gguf), args.eval_windows)}
     seconds, rss, _ = run_cli("carve", str(gguf), "--config", CONFIG, "-o", str(carved), "--data", str(WIKI_VALID),
                               "--nsamples", "8", "--seqlen", "2048", "--device", "cpu", "--overwrite")
     results["carve"] = {"wall_s": seconds, "peak_rss_mib": rss}
-    results["training_free"] = perplexity(str(carved), args.eval_windows)
+    results["training_free"] = cli_perplexity(str(carved), args.eval_windows)
     seconds, rss, _ = run_cli("finetune", str(carved), "--data", str(WIKI_VALID), "-o", str(tuned), "--nsamples",
                               str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
                               "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--device", "cpu", "--overwrite")
     recipe = json.loads((tuned / "cmoe_recipe.json").read_text())["finetune"]
     results["finetune"] = {"wall_s": seconds, "peak_rss_mib": rss, "recipe": recipe}
-    results["finetuned"] = perplexity(str(tuned), args.eval_windows)
+    results["finetuned"] = cli_perplexity(str(tuned), args.eval_windows)
     (work / "results.json").write_text(dump(results))
     print(dump({name: value for name, value in results.items() if name != "finetune"}))
     write_section("Fine-tuning SmolLM2-135M (bench_finetune.py)", report(results, args))

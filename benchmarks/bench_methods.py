@@ -12,7 +12,6 @@ resumes. Then the "Construction methods (bench_methods.py)" section of RESULTS.m
 """
 
 import argparse
-import copy
 import json
 import math
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ablation import load_windows, perplexity
+from bench_ablation import carve, load_windows, perplexity
 from common import WIKI_TEST, WIKI_VALID, machine, smollm2_gguf, write_section
 
 ROWS: dict[str, tuple[str, str]] = {
@@ -37,19 +36,6 @@ ROWS: dict[str, tuple[str, str]] = {
     "sharing-inner S0A4E8": ("sharing-inner", "S0A4E8"),
     "sharing-inter S0A4E8": ("sharing-inter", "S0A4E8"),
 }
-
-
-def carve(dense, calibration: torch.Tensor, method: str, shape_name: str):
-    from cmoe.artifacts import StageTimer
-    from cmoe.carving import carve_sequential
-    from cmoe.config import MoEShape
-    from cmoe.options import CarveOptions
-
-    options = CarveOptions(MoEShape.parse(shape_name), method=method)
-    options.check(dense.config.intermediate_size)
-    timer = StageTimer()
-    carved = carve_sequential(copy.deepcopy(dense), calibration, options, 1, torch.device("cpu"), timer)
-    return carved, timer.seconds
 
 
 def main() -> None:
@@ -80,7 +66,7 @@ def main() -> None:
         done = {row["row"] for row in logged}
         for name in [name for name in args.rows.split(",") if name not in done]:
             method, shape_name = ROWS[name]
-            carved, seconds = carve(dense, calibration, method, shape_name)
+            carved, _, seconds = carve(dense, calibration, shape_name, {"method": method})
             row = {
                 "row": name, "method": method, "config": shape_name, "carve_s": sum(seconds.values()), "stages_s": seconds,
                 "active_neurons": mean_active_neurons(carved.config), "perplexity": perplexity(carved, evaluation),

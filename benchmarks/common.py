@@ -92,3 +92,10 @@ def self_peak_rss_mib() -> float:
 
 def dump(payload: dict) -> str:
     return json.dumps(payload, indent=2)
+
+
+def cli_perplexity(model: str, windows: int, seqlen: int = 2048) -> dict:
+    """`cmoe eval perplexity` on the first `windows` windows of wiki.test.raw, in a fresh process."""
+    seconds, rss, out = run_cli("eval", "perplexity", model, "--data", str(WIKI_TEST), "--seqlen", str(seqlen),
+                                "--max-windows", str(windows), "--json", "--device", "cpu")
+    return {**json.loads(out), "wall_s": seconds, "peak_rss_mib": rss}
