@@ -33,9 +33,11 @@ VARIANTS: dict[str, dict] = {
     "--grouping kmeans": {"grouping": "kmeans"},
     "--router linear": {"router": "linear"},
     "--budget adaptive": {"budget": "adaptive"},
+    "--refit-down": {"refit_down": True},
+    "--router linear --budget adaptive": {"router": "linear", "budget": "adaptive"},
     "--preset quality": {"preset": "quality"},
 }
-CARVE_STAGES = ("capture", "profile", "group", "budget", "propagate")
+CARVE_STAGES = ("capture", "profile", "group", "refit", "budget", "propagate")
 
 
 def load_windows(tokenizer, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -153,8 +155,9 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "Gap = ppl carved / ppl dense - 1 (the issue's definition). Active neurons: FFN neurons computed per token, "
         f"mean over layers (of {config.intermediate_size}); FFN madds: multiply-adds per token per layer, mean over "
         f"layers, of the active experts (3 x {config.hidden_size} per neuron) plus the router (dense FFN: "
-        f"{3 * config.hidden_size * config.intermediate_size:,}). Carve time: capture + profile + group + budget + "
-        "propagate, over one dense forward pass.",
+        f"{3 * config.hidden_size * config.intermediate_size:,}). Carve time: capture + profile + group + refit + "
+        "budget + propagate, over one dense forward pass. `--router linear --budget adaptive` was `--preset quality` "
+        "before `--refit-down` existed.",
         "",
         f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | carve / dense forward |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -7,7 +7,9 @@ TinyStories excerpt) is read here. The preset is the candidate with the smallest
 perplexity over the configurations. Carve time is measured by bench_ablation.py, not here: balanced
 k-means grouping (2.3x one dense forward pass) is not a candidate because it breaks the preset's 1.3x
 budget; the contribution statistic lost alone and the representative choice does nothing with the
-linear router. Rows stream to a JSON-lines log (a rerun with
+linear router; the adaptive budget cannot be combined with the down-projection refit in one pass (the
+refit needs each layer's number of active experts before the next layer is profiled, the budget
+fixes it after the last layer). Rows stream to a JSON-lines log (a rerun with
 the same --log resumes), then the "Preset selection (bench_preset_selection.py)" section of
 RESULTS.md is written.
 
@@ -31,6 +33,8 @@ CANDIDATES: dict[str, dict] = {
     "linear router": {"router": "linear"},
     "linear router + adaptive budget": {"router": "linear", "budget": "adaptive"},
     "linear router + adaptive budget + shared by contribution": {"router": "linear", "budget": "adaptive", "shared_by": "contribution"},
+    "down-projection refit": {"refit_down": True},
+    "linear router + down-projection refit": {"router": "linear", "refit_down": True},
 }
 
 

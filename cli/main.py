@@ -114,7 +114,7 @@ def carve(
     seqlen: SeqlenOpt = 2048,
     seed: SeedOpt = 0,
     ka: KaOpt = 10,
-    preset: Annotated[str, typer.Option("--preset", help="reference (the CMoE reference, faithfully) or quality (linear router + adaptive budget, chosen on held-out calibration-domain text; sequential carving only). Options given explicitly override the preset.")] = "reference",
+    preset: Annotated[str, typer.Option("--preset", help="reference (the CMoE reference, faithfully) or quality (linear router + least-squares down-projection refit, chosen on held-out calibration-domain text; sequential carving only). Options given explicitly override the preset.")] = "reference",
     statistic: StatisticOpt = None,
     shared_by: Annotated[Optional[str], typer.Option("--shared-by", help="Shared-expert neurons: rate (most often marked, reference) or contribution (largest mean |h_i| |W_down[:, i]|).")] = None,
     grouping: Annotated[Optional[str], typer.Option("--grouping", help="Routed experts: hamming (one balanced assignment on mark columns, reference) or kmeans (balanced k-means on contribution co-activation).")] = None,
@@ -123,7 +123,8 @@ def carve(
     router: Annotated[Optional[str], typer.Option("--router", help="analytic (reference: representative neurons), linear (fitted in closed form to predict each expert's output) or noisy-topk (Shazeer 2017, random start: for `cmoe finetune`).")] = None,
     method: Annotated[str, typer.Option("--method", help="Expert construction: cmoe (reference), random, clustering (balanced k-means on W_up rows), sharing-inner or sharing-inter (gradient importance per data group; LLaMA-MoE). Only cmoe and sharing-inter build shared experts.")] = "cmoe",
     rescale: Annotated[bool, typer.Option("--rescale", help="Scale the selected experts' outputs by n/k (LLaMA-MoE), folded into their down_proj.")] = False,
-    budget: Annotated[Optional[str], typer.Option("--budget", help="Active experts per layer: uniform (N_k everywhere, reference) or adaptive (the same total, spread over the layers to minimise measured output error; sequential carving only).")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Active experts per layer: uniform (N_k everywhere, reference) or adaptive (the same total, spread over the layers to minimise measured output error; sequential carving only, not with --refit-down).")] = None,
+    refit_down: Annotated[Optional[bool], typer.Option("--refit-down/--no-refit-down", help="Refit every layer's down projections by least squares to the dense outputs on the calibration tokens, routing fixed (closed form, no inference cost; sequential carving and --budget uniform only).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
@@ -140,6 +141,7 @@ def carve(
     explicit = {
         "statistic": statistic, "shared_by": shared_by, "grouping": grouping, "kmeans_iterations": kmeans_iterations,
         "representative": representative, "router": router, "budget": budget,
+        "refit_down": refit_down,
     }
     options = with_preset(CarveOptions(shape=shape, ka=ka, method=method, seed=seed, rescale=rescale), preset)
     options = replace(options, **{name: value for name, value in explicit.items() if value is not None})

@@ -6,6 +6,7 @@ from torch import nn
 from cmoe.construction import ROUTER_BUILDERS
 from cmoe.modeling_cmoe import CMoEBlock
 from cmoe.partition import Partition
+from cmoe.refit import Piece, accumulate_normal_equations, solve_down_projection, symmetric_from_upper
 from cmoe.statistics import ActivationStats
 
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -49,3 +50,67 @@ def scale_routed_outputs(block: CMoEBlock, factor: float) -> None:
     exact, because the gate value multiplies the expert's output linearly."""
     for expert in block.experts:
         expert.down_proj.weight.mul_(factor)
+
+
+def _hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+
+
+def down_projections(block: CMoEBlock) -> list[nn.Linear]:
+    """The block's down projections in feature order: shared block first, then the routed experts."""
+    shared = [block.shared.down_proj] if block.shared is not None else []
+    return shared + [expert.down_proj for expert in block.experts]
+
+
+@torch.no_grad()
+def routed_pieces(block: CMoEBlock, x: torch.Tensor) -> list[Piece]:
+    """What each down projection reads for tokens `x` (T, d) under the block's routing: the shared
+    block's hidden state on every token, each expert's hidden state times its gate value on the
+    tokens routed to it (no rows for an expert no token selects)."""
+    pieces = []
+    if block.shared is not None:
+        pieces.append(Piece(_hidden(block.shared, x), torch.arange(x.shape[0], device=x.device)))
+    routing = block.router(x) if block.top_k else None
+    for index, expert in enumerate(block.experts):
+        if routing is None:
+            rows = torch.zeros(0, dtype=torch.long, device=x.device)
+            pieces.append(Piece(x.new_zeros(0, expert.down_proj.weight.shape[1], dtype=torch.float32), rows))
+            continue
+        rows, slots = (routing.indices == index).nonzero(as_tuple=True)
+        gates = routing.weights[rows, slots].float().unsqueeze(1)
+        pieces.append(Piece(_hidden(expert, x[rows]) * gates, rows))
+    return pieces
+
+
+@torch.no_grad()
+def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge: float) -> list[torch.Tensor]:
+    """Replace every down projection of `block` by the least-squares fit (see cmoe.refit) of the dense
+    outputs `outputs` from its inputs `inputs` (lists of batches, any leading shape), routing fixed.
+
+    Returns the refitted block's outputs on `inputs` (fp32, CPU), computed from the hidden states the
+    fit already needed, which are kept (tokens x active neurons) until then: no second pass.
+    """
+    downs = down_projections(block)
+    weight = downs[0].weight
+    sizes = [down.weight.shape[1] for down in downs]
+    offsets = [sum(sizes[:index]) for index in range(len(sizes))]
+    hidden_size = weight.shape[0]
+    gram = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64, device=weight.device)
+    cross = torch.zeros(sum(sizes), hidden_size, dtype=torch.float64, device=weight.device)
+    kept = []
+    for x, y in zip(inputs, outputs):
+        x = x.reshape(-1, hidden_size).to(weight.device, weight.dtype)
+        pieces = routed_pieces(block, x)
+        accumulate_normal_equations(gram, cross, pieces, offsets, y.reshape(-1, hidden_size).to(weight.device, torch.float32))
+        kept.append([Piece(piece.features.cpu(), piece.rows.cpu()) for piece in pieces])
+    initial = torch.cat([down.weight for down in downs], dim=1)
+    fitted = solve_down_projection(symmetric_from_upper(gram), cross, initial, ridge)
+    for down, part in zip(downs, fitted.split(sizes, dim=1)):
+        down.weight.copy_(part.to(weight.dtype))
+    refitted = []
+    for x, pieces in zip(inputs, kept):
+        out = torch.zeros(x.shape[:-1].numel(), hidden_size)
+        for piece, down in zip(pieces, downs):
+            out.index_add_(0, piece.rows, piece.features @ down.weight.float().cpu().T)
+        refitted.append(out.view(x.shape))
+    return refitted

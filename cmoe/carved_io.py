@@ -94,7 +94,7 @@ arXiv 2502.04416) from the dense `{text_config.model_type}` model `{recipe.get('
 | FFN neurons per layer | {dense_ffn} dense; shared block {spec['shared_size']}, {spec['num_experts']} routed experts of {spec['expert_size']} |
 | active FFN neurons per token | {active:g} of {dense_ffn} ({active / dense_ffn:.1%}), mean over layers |
 | active routed experts per layer | {', '.join(map(str, per_layer))} (budget {recipe.get('budget', 'uniform')}) |
-| construction method | {recipe.get('method', 'cmoe')}{', routed outputs rescaled by n/k' if recipe.get('rescale') else ''} |
+| construction method | {recipe.get('method', 'cmoe')}{', routed outputs rescaled by n/k' if recipe.get('rescale') else ''}{', down projections refitted by least squares on the calibration tokens' if recipe.get('refit_down') else ''} |
 | router | {spec['router']} ({'random start: train it with `cmoe finetune`' if spec['router'] == 'noisy-topk' else 'training-free'}) |
 | K_a | {recipe.get('ka')} |
 | calibration | {calibration.get('source', calibration.get('path', 'profile'))}: {recipe.get('nsamples', '-')} windows of {recipe.get('seqlen', '-')} tokens, seed {recipe.get('seed')} |

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from cmoe.artifacts import StageTimer, versions
-from cmoe.blocks import build_block, scale_routed_outputs
+from cmoe.blocks import build_block, refit_down_projections, scale_routed_outputs
 from cmoe.budget import allocate_active_experts, selection_errors
 from cmoe.configuration_cmoe import CMoEConfig
 from cmoe.construction import METHODS
@@ -17,6 +17,7 @@ from cmoe.modeling_cmoe import CMoEForCausalLM
 from cmoe.options import CarveOptions
 from cmoe.probe import ProbedMLP
 from cmoe.profile_io import FORMAT, ProfileFile, StreamingSafetensorsWriter, write_layer
+from cmoe.refit import REFIT_RIDGE
 from cmoe.runner import LayerCallback, LayerRunner, decoder_of
 from cmoe.statistics import OPTIONAL_STATISTICS, ActivationStats
 
@@ -92,6 +93,8 @@ def carve_sequential(
     layer outputs, so each layer's attention runs once; otherwise the layer is re-run. With the
     adaptive budget, each layer's output error for every number of active experts is measured on a
     sample of its calibration tokens, and the active experts are spread over the layers at the end.
+    With `refit_down`, each carved layer's down projections are refitted to its dense outputs (on
+    every calibration token) before the next layer is profiled.
     """
     act_name = model.config.hidden_act
     importance = None
@@ -103,12 +106,13 @@ def carve_sequential(
         runner.capture()
         additive = runner.mlp_is_additive(0)
     adaptive = options.budget == "adaptive"
+    keep_io = additive or adaptive or options.refit_down
     layer_errors = []
     _start(on_layer, len(runner.layers))
     for index, layer in enumerate(runner.layers):
         dense = layer.mlp
         probe = ProbedMLP(
-            dense, options.ka, _activation(model), additive or adaptive, options.statistic, options.needed_statistics()
+            dense, options.ka, _activation(model), keep_io, options.statistic, options.needed_statistics()
         )
         saved_inputs = None if additive else [batch.hidden for batch in runner.batches]
         layer.mlp = probe
@@ -121,13 +125,19 @@ def carve_sequential(
             layer_importance = None if importance is None else importance[index]
             block = _carve_layer(dense.to(device), probe.stats, options, act_name, index, layer_importance)
             dense.to("cpu")
+        refitted = None
+        if options.refit_down:
+            with timer.stage("refit"):
+                refitted = refit_down_projections(block.to(device), probe.inputs, probe.outputs, REFIT_RIDGE)
         if adaptive:
             with timer.stage("budget"):
                 residual = [batch.hidden for batch in runner.batches]
                 layer_errors.append(_relative_selection_errors(block.to(device), probe.inputs, probe.outputs, residual))
         block.to("cpu")
         with timer.stage("propagate"):
-            if additive:
+            if additive and refitted is not None:
+                runner.swap_mlp_outputs(probe.outputs, refitted)
+            elif additive:
                 runner.replace_mlp_outputs(block, probe.inputs, probe.outputs)
             else:
                 for batch, hidden in zip(runner.batches, saved_inputs):

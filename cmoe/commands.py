@@ -157,7 +157,9 @@ def run_carve(
     started = time.perf_counter()
     check_output_path(output, overwrite)
     if profile is not None and options.budget == "adaptive":
-        raise CmoeError("--budget adaptive (part of --preset quality) measures each carved layer on calibration data: drop --profile or pass --budget uniform")
+        raise CmoeError("--budget adaptive measures each carved layer on calibration data: drop --profile or pass --budget uniform")
+    if profile is not None and options.refit_down:
+        raise CmoeError("--refit-down (part of --preset quality) fits each carved layer to its dense outputs on calibration data: drop --profile or pass --no-refit-down")
     if profile is not None and METHODS[options.method].needs_gradients:
         raise CmoeError(f"--method {options.method} needs a gradient pass over calibration data: drop --profile")
     prepared = _prepare_model(model, compute, dense_only=True)

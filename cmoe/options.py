@@ -25,6 +25,7 @@ class CarveOptions:
     representative: str = "centroid"
     router: str = "analytic"
     budget: str = "uniform"
+    refit_down: bool = False
     preset: str = "reference"
     seed: int = 0
     rescale: bool = False
@@ -52,6 +53,11 @@ class CarveOptions:
         METHODS[self.method].check(self.method, self)
         if self.rescale and self.budget == "adaptive":
             raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget adaptive")
+        if self.refit_down and self.budget == "adaptive":
+            raise CmoeError(
+                "--refit-down fits each layer for its number of active experts, which --budget adaptive only fixes "
+                "after the last layer: pass --budget uniform or --no-refit-down"
+            )
 
     def needed_statistics(self) -> tuple[str, ...]:
         """The optional streaming statistics (see ActivationStats) these options read."""
@@ -75,7 +81,7 @@ def check_ka(ka: int, intermediate_size: int) -> None:
 
 PRESETS: dict[str, dict] = {
     "reference": {},
-    "quality": {"router": "linear", "budget": "adaptive"},
+    "quality": {"router": "linear", "refit_down": True},
 }
 
 

@@ -127,11 +127,15 @@ class LayerRunner:
         """
         mlp.to(self.device)
         try:
-            for batch, x, old in zip(self.batches, inputs, old_outputs):
-                new = mlp(x.to(self.device)).float().to("cpu")
-                batch.hidden = (batch.hidden.float() - old.float() + new).to(batch.hidden.dtype)
+            new_outputs = [mlp(x.to(self.device)).float().to("cpu") for x in inputs]
         finally:
             self._offload(mlp)
+        self.swap_mlp_outputs(old_outputs, new_outputs)
+
+    def swap_mlp_outputs(self, old_outputs: list, new_outputs: list) -> None:
+        """hidden += new - old per batch, in fp32 (additive layers only, see `replace_mlp_outputs`)."""
+        for batch, old, new in zip(self.batches, old_outputs, new_outputs):
+            batch.hidden = (batch.hidden.float() - old.float() + new.float()).to(batch.hidden.dtype)
 
     @torch.no_grad()
     def mlp_is_additive(self, index: int) -> bool:

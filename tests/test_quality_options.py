@@ -147,18 +147,18 @@ def test_quality_preset_carves_reloads_and_from_profile_checks_options(tiny_mode
     calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
     options = with_preset(CarveOptions(MoEShape.parse("S1A2E8")), "quality")
     recipe = run_carve(str(tiny_model_dir), tmp_path / "seq", options, calibration, compute=CPU)
-    assert recipe["preset"] == "quality" and recipe["router"] == "linear" and recipe["budget"] == "adaptive"
-    assert sum(recipe["active_experts_per_layer"]) == 2 * 2
+    assert recipe["preset"] == "quality" and recipe["router"] == "linear" and recipe["refit_down"] is True
+    assert recipe["budget"] == "uniform" and recipe["active_experts_per_layer"] == [2, 2]
     ids = torch.randint(0, 2000, (2, 24))
     model = cmoe.load_carved(tmp_path / "seq")
     assert torch.equal(model(ids).logits, cmoe.load_carved(tmp_path / "seq")(ids).logits)
     assert "proj.bias" in dict(model.model.layers[0].mlp.router.named_parameters())
 
     run_profile(str(tiny_model_dir), tmp_path / "p.safetensors", calibration, compute=CPU)
-    with pytest.raises(CmoeError, match="--budget uniform"):
+    with pytest.raises(CmoeError, match="--no-refit-down"):
         run_carve(str(tiny_model_dir), tmp_path / "fp", options, None, tmp_path / "p.safetensors", CPU)
-    uniform = replace(options, budget="uniform")
-    run_carve(str(tiny_model_dir), tmp_path / "fp", uniform, None, tmp_path / "p.safetensors", CPU)
+    without_refit = replace(options, refit_down=False)
+    run_carve(str(tiny_model_dir), tmp_path / "fp", without_refit, None, tmp_path / "p.safetensors", CPU)
     assert cmoe.load_carved(tmp_path / "fp")(ids).logits.isfinite().all()
     raw = CarveOptions(MoEShape.parse("S1A2E8"), statistic="raw")
     with pytest.raises(CmoeError, match="--statistic raw"):

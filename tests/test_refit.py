@@ -1,0 +1,117 @@
+"""--refit-down: least-squares refit of the down projections with the routing fixed."""
+
+import pytest
+import torch
+
+import cmoe
+from cmoe.blocks import down_projections, refit_down_projections, routed_pieces
+from cmoe.commands import Calibration, Compute, run_carve
+from cmoe.config import MoEShape
+from cmoe.errors import CmoeError
+from cmoe.modeling_cmoe import CMoEBlock
+from cmoe.options import CarveOptions
+from cmoe.refit import Piece, accumulate_normal_equations, solve_down_projection, symmetric_from_upper
+
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
+
+CPU = Compute(device="cpu", dtype="float32", batch_size=2)
+
+
+def test_normal_equations_by_hand():
+    """3 tokens; shared feature 1, 2, 3 on all; expert A (feature 1) on tokens 0 and 2; B (2) on token 1."""
+    pieces = [
+        Piece(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0, 1, 2])),
+        Piece(torch.tensor([[1.0], [1.0]]), torch.tensor([0, 2])),
+        Piece(torch.tensor([[2.0]]), torch.tensor([1])),
+    ]
+    target = torch.tensor([[1.0], [10.0], [100.0]])
+    gram, cross = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)
+    accumulate_normal_equations(gram, cross, pieces, [0, 1, 2], target)
+    assert symmetric_from_upper(gram).tolist() == [[14.0, 4.0, 4.0], [4.0, 2.0, 0.0], [4.0, 0.0, 4.0]]
+    assert cross.flatten().tolist() == [321.0, 101.0, 20.0]
+
+
+def test_solve_recovers_exact_weights_and_large_ridge_keeps_the_initial_ones():
+    torch.manual_seed(0)
+    z, truth, initial = torch.randn(200, 6), torch.randn(4, 6), torch.randn(4, 6)
+    gram, cross = (z.T @ z).double(), (z.T @ (z @ truth.T)).double()
+    assert torch.allclose(solve_down_projection(gram, cross, initial, ridge=1e-12).float(), truth, atol=1e-4)
+    assert torch.allclose(solve_down_projection(gram, cross, initial, ridge=1e9).float(), initial, atol=1e-4)
+
+
+def _random_block(spec: dict) -> CMoEBlock:
+    torch.manual_seed(1)
+    block = CMoEBlock(10, "silu", {"router": "linear", **spec})
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.normal_()
+    return block
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"num_experts": 6, "top_k": 2, "shared_size": 8, "expert_size": 4},
+        {"num_experts": 6, "top_k": 0, "shared_size": 8, "expert_size": 4},
+        {"num_experts": 4, "top_k": 3, "shared_size": 0, "expert_size": 5},
+    ],
+)
+def test_pieces_reproduce_the_block_and_the_refit_recovers_other_down_weights(spec):
+    block = _random_block(spec)
+    x = torch.randn(60, 10)
+    pieces = routed_pieces(block, x)
+    downs = down_projections(block)
+    stacked = torch.zeros(60, sum(down.weight.shape[1] for down in downs))
+    offset = 0
+    for piece, down in zip(pieces, downs):
+        stacked[piece.rows, offset : offset + piece.features.shape[1]] = piece.features
+        offset += piece.features.shape[1]
+    with torch.no_grad():
+        assert torch.allclose(block(x), stacked @ torch.cat([down.weight for down in downs], dim=1).T, atol=1e-4)
+        truth = [torch.randn_like(down.weight) for down in downs]
+        target = stacked @ torch.cat(truth, dim=1).T
+        refitted = refit_down_projections(block, [x[:25], x[25:]], [target[:25], target[25:]], ridge=1e-10)
+        assert torch.allclose(torch.cat(refitted), block(x), atol=1e-4)
+        used = [bool(len(piece.rows)) for piece in pieces]
+        for down, true, active in zip(downs, truth, used):
+            if active:
+                assert torch.allclose(down.weight, true, atol=1e-3)
+        assert torch.allclose(block(x), target, atol=1e-3)
+
+
+def test_refit_leaves_a_block_that_already_matches_its_targets_unchanged():
+    block = _random_block({"num_experts": 4, "top_k": 2, "shared_size": 3, "expert_size": 3})
+    x = torch.randn(40, 10)
+    with torch.no_grad():
+        before = [down.weight.clone() for down in down_projections(block)]
+        refit_down_projections(block, [x], [block(x)], ridge=1e-2)
+    for old, down in zip(before, down_projections(block)):
+        assert torch.allclose(old, down.weight, atol=1e-4)
+
+
+def test_carve_with_refit_lowers_calibration_loss_and_reloads(tmp_path):
+    calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
+    from cmoe.calibration import calibration_windows, load_text, tokenize_text
+    from cmoe.loading import load_tokenizer, resolve_source
+
+    tokenizer = load_tokenizer(resolve_source(str(TINYSTORIES_MODEL)))
+    windows = calibration_windows(tokenize_text(load_text(str(TINYSTORIES_TRAIN), "train").text, tokenizer), 4, 64, 0)
+    results = {}
+    for refit in (False, True):
+        options = CarveOptions(MoEShape.parse("S1A1E8"), router="linear", refit_down=refit)
+        recipe = run_carve(str(TINYSTORIES_MODEL), tmp_path / str(refit), options, calibration, compute=CPU)
+        assert recipe["refit_down"] is refit
+        assert ("refitted by least squares" in (tmp_path / str(refit) / "README.md").read_text()) is refit
+        model = cmoe.load_carved(tmp_path / str(refit))
+        with torch.no_grad():
+            results[refit] = model(windows, labels=windows).loss.item()
+            assert torch.equal(model(windows).logits, cmoe.load_carved(tmp_path / str(refit))(windows).logits)
+    assert results[True] < results[False]
+
+
+def test_refit_refuses_a_profile_and_the_adaptive_budget(tmp_path):
+    options = CarveOptions(MoEShape.parse("S1A1E4"), refit_down=True)
+    with pytest.raises(CmoeError, match="--refit-down"):
+        run_carve(str(TINYSTORIES_MODEL), tmp_path / "x", options, None, tmp_path / "missing.safetensors", CPU)
+    with pytest.raises(CmoeError, match="--budget uniform"):
+        CarveOptions(MoEShape.parse("S1A1E4"), refit_down=True, budget="adaptive").check(384)
