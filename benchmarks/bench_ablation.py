@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import TINYSTORIES_VALID, WIKI_TEST, WIKI_VALID, machine, smollm2_gguf, write_section
+from common import TINYSTORIES_VALID, WIKI_TEST, dense_smollm2, machine, read_log, wiki_valid_tokens, write_section
 
 VARIANTS: dict[str, dict] = {
     "reference (default)": {},
@@ -90,15 +90,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    from cmoe.calibration import calibration_windows, load_text, tokenize_text
+    from cmoe.calibration import calibration_windows
     from cmoe.carved_io import mean_active_neurons
-    from cmoe.loading import load_model, load_tokenizer, resolve_source
 
-    source = resolve_source(str(smollm2_gguf()))
-    tokenizer = load_tokenizer(source)
-    dense = load_model(source, torch.float32)
+    dense, tokenizer = dense_smollm2()
     config = dense.config
-    calibration = calibration_windows(tokenize_text(load_text(str(WIKI_VALID), "train").text, tokenizer), args.nsamples, args.seqlen, 0)
+    calibration = calibration_windows(wiki_valid_tokens(tokenizer), args.nsamples, args.seqlen, 0)
     evaluations = {
         "wiki.test.raw": load_windows(tokenizer, WIKI_TEST, args.seqlen, args.eval_windows),
         "TinyStories-valid-excerpt": load_windows(tokenizer, TINYSTORIES_VALID, args.seqlen, None),
@@ -108,7 +105,7 @@ def main() -> None:
     for window in calibration:
         dense(window[None])
     dense_forward_s = time.perf_counter() - start
-    logged = [json.loads(line) for line in args.log.read_text().splitlines()] if args.log.exists() else []
+    logged = read_log(args.log)
     dense_row = next((row for row in logged if row.get("variant") == "dense"), None)
     log = args.log.open("a")
     if dense_row is None:

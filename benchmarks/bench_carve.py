@@ -16,17 +16,16 @@ from pathlib import Path
 
 import torch
 
-from common import WIKI_VALID, cli_perplexity, dump, machine, median_seconds, run_cli, smollm2_gguf, write_section
+from common import WIKI_VALID, cli_perplexity, dump, machine, median_seconds, run_cli, smollm2_gguf, wiki_valid_tokens, write_section
 
 CONFIGS = ("S3A3E8", "S1A1E8")
 
 
 def calibration_windows_of(gguf: Path, nsamples: int, seqlen: int) -> torch.Tensor:
-    from cmoe.calibration import calibration_windows, load_text, tokenize_text
+    from cmoe.calibration import calibration_windows
     from cmoe.loading import load_tokenizer, resolve_source
 
-    tokenizer = load_tokenizer(resolve_source(str(gguf)))
-    return calibration_windows(tokenize_text(load_text(str(WIKI_VALID), "train").text, tokenizer), nsamples, seqlen, 0)
+    return calibration_windows(wiki_valid_tokens(load_tokenizer(resolve_source(str(gguf)))), nsamples, seqlen, 0)
 
 
 @torch.no_grad()

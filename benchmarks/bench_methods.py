@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench_ablation import carve, load_windows, perplexity
-from common import WIKI_TEST, WIKI_VALID, machine, smollm2_gguf, write_section
+from common import WIKI_TEST, dense_smollm2, machine, read_log, wiki_valid_tokens, write_section
 
 ROWS: dict[str, tuple[str, str]] = {
     "cmoe S0A2E8": ("cmoe", "S0A2E8"),
@@ -48,16 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    from cmoe.calibration import calibration_windows, load_text, tokenize_text
+    from cmoe.calibration import calibration_windows
     from cmoe.carved_io import mean_active_neurons
-    from cmoe.loading import load_model, load_tokenizer, resolve_source
 
-    source = resolve_source(str(smollm2_gguf()))
-    tokenizer = load_tokenizer(source)
-    dense = load_model(source, torch.float32)
-    calibration = calibration_windows(tokenize_text(load_text(str(WIKI_VALID), "train").text, tokenizer), args.nsamples, args.seqlen, 0)
+    dense, tokenizer = dense_smollm2()
+    calibration = calibration_windows(wiki_valid_tokens(tokenizer), args.nsamples, args.seqlen, 0)
     evaluation = load_windows(tokenizer, WIKI_TEST, 2048, args.eval_windows)
-    logged = [json.loads(line) for line in args.log.read_text().splitlines()] if args.log.exists() else []
+    logged = read_log(args.log)
     with args.log.open("a") as log:
         if not any(row["row"] == "dense" for row in logged):
             logged.append({"row": "dense", "perplexity": perplexity(dense, evaluation)})

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench_ablation import carve, perplexity
-from common import WIKI_VALID, machine, smollm2_gguf, write_section
+from common import dense_smollm2, machine, read_log, wiki_valid_tokens, write_section
 
 CANDIDATES: dict[str, dict] = {
     "reference": {},
@@ -62,16 +62,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    from cmoe.calibration import calibration_windows, load_text, tokenize_text
-    from cmoe.loading import load_model, load_tokenizer, resolve_source
+    from cmoe.calibration import calibration_windows
 
-    source = resolve_source(str(smollm2_gguf()))
-    dense = load_model(source, torch.float32)
-    tokens = tokenize_text(load_text(str(WIKI_VALID), "train").text, load_tokenizer(source))
+    dense, tokenizer = dense_smollm2()
+    tokens = wiki_valid_tokens(tokenizer)
     calibration, heldout = calibration_and_heldout(tokens, args.nsamples, args.seqlen, args.heldout)
     assert torch.equal(calibration, calibration_windows(tokens, args.nsamples, args.seqlen, 0))
 
-    rows = [json.loads(line) for line in args.log.read_text().splitlines()] if args.log.exists() else []
+    rows = read_log(args.log)
     with args.log.open("a") as log:
         if not any(row["candidate"] == "dense" for row in rows):
             rows.append({"config": "-", "candidate": "dense", "heldout_ppl": perplexity(dense, heldout)})

@@ -38,6 +38,26 @@ def smollm2_gguf() -> Path:
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
+def dense_smollm2():
+    """SmolLM2-135M in fp32 and its tokenizer."""
+    from cmoe.loading import load_model, load_tokenizer, resolve_source
+
+    source = resolve_source(str(smollm2_gguf()))
+    return load_model(source, torch.float32), load_tokenizer(source)
+
+
+def wiki_valid_tokens(tokenizer) -> torch.Tensor:
+    """wiki.valid.tokens as one token sequence: the calibration source of every benchmark."""
+    from cmoe.calibration import load_text, tokenize_text
+
+    return tokenize_text(load_text(str(WIKI_VALID), "train").text, tokenizer)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

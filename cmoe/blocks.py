@@ -107,10 +107,11 @@ def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge:
     fitted = solve_down_projection(symmetric_from_upper(gram), cross, initial, ridge)
     for down, part in zip(downs, fitted.split(sizes, dim=1)):
         down.weight.copy_(part.to(weight.dtype))
+    transposed = [down.weight.float().cpu().T for down in downs]
     refitted = []
     for x, pieces in zip(inputs, kept):
         out = torch.zeros(x.shape[:-1].numel(), hidden_size)
-        for piece, down in zip(pieces, downs):
-            out.index_add_(0, piece.rows, piece.features @ down.weight.float().cpu().T)
+        for piece, weight_t in zip(pieces, transposed):
+            out.index_add_(0, piece.rows, piece.features @ weight_t)
         refitted.append(out.view(x.shape))
     return refitted

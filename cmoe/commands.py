@@ -11,7 +11,6 @@ from cmoe.artifacts import StageTimer, atomic_output, check_output_path, command
 from cmoe.calibration import calibration_windows, evaluation_windows, load_text, tokenize_text
 from cmoe.carved_io import mean_active_neurons, save_carved
 from cmoe.carving import carve_from_profile, carve_recipe, carve_sequential, profile_metadata, profile_model
-from cmoe.construction import METHODS
 from cmoe.errors import CmoeError
 from cmoe.loading import (
     ModelSource,
@@ -156,12 +155,8 @@ def run_carve(
     timer = StageTimer()
     started = time.perf_counter()
     check_output_path(output, overwrite)
-    if profile is not None and options.budget == "adaptive":
-        raise CmoeError("--budget adaptive measures each carved layer on calibration data: drop --profile or pass --budget uniform")
-    if profile is not None and options.refit_down:
-        raise CmoeError("--refit-down (part of --preset quality) fits each carved layer to its dense outputs on calibration data: drop --profile or pass --no-refit-down")
-    if profile is not None and METHODS[options.method].needs_gradients:
-        raise CmoeError(f"--method {options.method} needs a gradient pass over calibration data: drop --profile")
+    if profile is not None:
+        options.check_from_profile()
     prepared = _prepare_model(model, compute, dense_only=True)
     dense_config = prepared.config
     options.check(dense_config.intermediate_size)

@@ -59,6 +59,20 @@ class CarveOptions:
                 "after the last layer: pass --budget uniform or --no-refit-down"
             )
 
+    def check_from_profile(self) -> None:
+        """Refuse, in one line, the options that need the sequential pass over calibration data."""
+        from cmoe.construction import METHODS
+
+        if self.budget == "adaptive":
+            raise CmoeError("--budget adaptive measures each carved layer on calibration data: drop --profile or pass --budget uniform")
+        if self.refit_down:
+            raise CmoeError(
+                "--refit-down (part of --preset quality) fits each carved layer to its dense outputs on calibration data: "
+                "drop --profile or pass --no-refit-down"
+            )
+        if METHODS[self.method].needs_gradients:
+            raise CmoeError(f"--method {self.method} needs a gradient pass over calibration data: drop --profile")
+
     def needed_statistics(self) -> tuple[str, ...]:
         """The optional streaming statistics (see ActivationStats) these options read."""
         needed = []

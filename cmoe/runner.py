@@ -127,13 +127,13 @@ class LayerRunner:
         """
         mlp.to(self.device)
         try:
-            new_outputs = [mlp(x.to(self.device)).float().to("cpu") for x in inputs]
+            self.swap_mlp_outputs(old_outputs, (mlp(x.to(self.device)).float().to("cpu") for x in inputs))
         finally:
             self._offload(mlp)
-        self.swap_mlp_outputs(old_outputs, new_outputs)
 
-    def swap_mlp_outputs(self, old_outputs: list, new_outputs: list) -> None:
-        """hidden += new - old per batch, in fp32 (additive layers only, see `replace_mlp_outputs`)."""
+    def swap_mlp_outputs(self, old_outputs: list, new_outputs) -> None:
+        """hidden += new - old per batch, in fp32 (additive layers only, see `replace_mlp_outputs`);
+        `new_outputs` may be a generator, so only one batch's new outputs exist at a time."""
         for batch, old, new in zip(self.batches, old_outputs, new_outputs):
             batch.hidden = (batch.hidden.float() - old.float() + new.float()).to(batch.hidden.dtype)
 
