@@ -1,8 +1,8 @@
 """Ablation of the carving options on SmolLM2-135M: the faithful reference, each option alone, the preset.
 
 Calibration: 8 seeded windows of 2,048 tokens of wiki.valid.tokens. The preset's options were chosen by
-bench_preset_selection.py on held-out wiki.valid windows, never on the evaluation texts. Evaluation: the first --eval-windows
-windows of 2,048 tokens of wiki.test.raw and every 2,048-token window of the TinyStories validation
+bench_preset_selection.py on held-out wiki.valid windows, never on the evaluation texts. Evaluation: the first
+--eval-windows windows of 2,048 tokens of wiki.test.raw and every 2,048-token window of the TinyStories validation
 excerpt (a second domain). Everything runs in this process (the dense model is loaded once); carve
 time is the sum of the carving stages, compared with one dense forward pass over the calibration
 tokens measured (after a warm-up window) in the same process. Rows stream to a JSON-lines log as they
@@ -16,7 +16,6 @@ is written from every row of the log.
 import argparse
 import copy
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -47,29 +46,20 @@ def load_windows(tokenizer, path: Path, seqlen: int, max_windows: int | None) ->
 
 
 def perplexity(model, windows: torch.Tensor) -> float:
-    from cmoe.runner import LayerRunner
+    import cmoe
 
-    runner = LayerRunner(model, windows, 1, torch.device("cpu"))
-    runner.capture()
-    runner.run_all()
-    total, predicted = runner.negative_log_likelihood()
-    return math.exp(total / predicted)
+    return cmoe.perplexity_of(model, windows)
 
 
 def carve(dense, calibration: torch.Tensor, shape_name: str, variant: dict) -> tuple:
-    from cmoe.artifacts import StageTimer
-    from cmoe.carving import carve_sequential
-    from cmoe.config import MoEShape
-    from cmoe.options import CarveOptions, with_preset
+    import cmoe
 
     settings = dict(variant)
-    options = CarveOptions(MoEShape.parse(shape_name))
-    if "preset" in settings:
-        options = with_preset(options, settings.pop("preset"))
-    options = CarveOptions(**{**options.__dict__, **settings})
-    model = copy.deepcopy(dense)
-    timer = StageTimer()
-    carved = carve_sequential(model, calibration, options, 1, torch.device("cpu"), timer)
+    options = cmoe.CarveOptions.resolved(
+        cmoe.MoEShape.parse(shape_name), settings.pop("preset", "reference"), **settings
+    )
+    timer = cmoe.StageTimer()
+    carved = cmoe.carve_model(copy.deepcopy(dense), calibration, options, timer=timer)
     return carved, options, timer.seconds
 
 
@@ -91,7 +81,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     from cmoe.calibration import calibration_windows
-    from cmoe.carved_io import mean_active_neurons
+    from cmoe import mean_active_neurons
 
     dense, tokenizer = dense_smollm2()
     config = dense.config
@@ -114,17 +104,26 @@ def main() -> None:
         log.flush()
     rows = [{"dense_forward_s": dense_forward_s, **row} for row in logged if row.get("variant") != "dense"]
     done = {(row["config"], row["variant"]) for row in rows}
-    pending = [(shape, name) for shape in args.configs.split(",") for name in args.variants.split(",") if (shape, name) not in done]
+    pending = [
+        (shape, name)
+        for shape in args.configs.split(",")
+        for name in args.variants.split(",")
+        if (shape, name) not in done
+    ]
 
     with log:
         for shape_name, variant_name in pending:
             carved, options, seconds = carve(dense, calibration, shape_name, VARIANTS[variant_name])
             carve_s = sum(seconds.get(stage, 0.0) for stage in CARVE_STAGES)
             row = {
-                "config": shape_name, "variant": variant_name, "carve_s": carve_s, "stages_s": seconds,
-                "carve_over_dense_forward": carve_s / dense_forward_s, "dense_forward_s": dense_forward_s,
+                "config": shape_name,
+                "variant": variant_name,
+                "carve_s": carve_s,
+                "stages_s": seconds,
+                "carve_over_dense_forward": carve_s / dense_forward_s,
+                "dense_forward_s": dense_forward_s,
                 "active_neurons": mean_active_neurons(carved.config),
-                "active_experts_per_layer": [spec["top_k"] for spec in carved.config.cmoe_layers],
+                "active_experts_per_layer": [spec.top_k for spec in carved.config.layer_specs],
                 "router_madds": router_multiply_adds(options, config.hidden_size),
                 **{name: perplexity(carved, windows) for name, windows in evaluations.items()},
             }
@@ -133,7 +132,10 @@ def main() -> None:
             log.flush()
             print(json.dumps(row), flush=True)
             del carved
-    order = {(shape, name): i for i, (shape, name) in enumerate((s, n) for s in ("S3A3E8", "S2A2E8", "S1A1E8") for n in VARIANTS)}
+    order = {
+        (shape, name): i
+        for i, (shape, name) in enumerate((s, n) for s in ("S3A3E8", "S2A2E8", "S1A1E8") for n in VARIANTS)
+    }
     rows.sort(key=lambda row: order.get((row["config"], row["variant"]), len(order)))
     write_section("Carving options (bench_ablation.py)", report(dense_row, rows, args, config, evaluations))
 
@@ -143,10 +145,13 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
     forward_times = ", ".join(sorted({f"{row['dense_forward_s']:.1f}" for row in rows}))
     lines = [
         f"Machine: {machine()}.",
-        f"Model: SmolLM2-135M-Instruct (GGUF, fp32, {config.num_hidden_layers} layers, FFN {config.intermediate_size}). "
-        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of wiki.valid.tokens, seed 0. Evaluation: {wiki} first "
+        f"Model: SmolLM2-135M-Instruct (GGUF, fp32, {config.num_hidden_layers} layers, FFN "
+        f"{config.intermediate_size}). "
+        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of wiki.valid.tokens, seed 0. Evaluation: "
+        f"{wiki} first "
         f"{evaluations[wiki].shape[0]} windows x {args.seqlen} ({evaluations[wiki].numel()} tokens); {stories}: all "
-        f"{evaluations[stories].shape[0]} windows x {args.seqlen} ({evaluations[stories].numel()} tokens); GPTQ protocol.",
+        f"{evaluations[stories].shape[0]} windows x {args.seqlen} ({evaluations[stories].numel()} tokens); GPTQ "
+        "protocol.",
         f"Dense perplexity: {wiki} {dense[wiki]:.2f}, {stories} {dense[stories]:.2f}. One dense forward pass over the "
         f"calibration tokens: {forward_times} s (measured in each run).",
         "Gap = ppl carved / ppl dense - 1 (the issue's definition). Active neurons: FFN neurons computed per token, "
@@ -156,7 +161,8 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "budget + propagate, over one dense forward pass. `--router linear --budget adaptive` was `--preset quality` "
         "before `--refit-down` existed.",
         "",
-        f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | carve / dense forward |",
+        f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | "
+        "carve / dense forward |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -169,11 +175,18 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
             f"{row[stories] / dense[stories] - 1:.2f} | {row['carve_s']:.1f} | {ratio_text} |"
         )
     if any(not row.get("carve_over_dense_forward") for row in rows):
-        lines += ["", "\\* logged before runs recorded their own dense forward time: timed against the dense forward pass of the run that wrote this table."]
+        lines += [
+            "",
+            "\\* logged before runs recorded their own dense forward time: timed against the dense forward pass of "
+            "the run that wrote this table.",
+        ]
     adaptive = [row for row in rows if len(set(row.get("active_experts_per_layer", [0]))) > 1]
     if adaptive:
         lines += ["", "Active routed experts per layer (layer 0 first) chosen by the adaptive budget:", ""]
-        lines += [f"- {row['config']} {row['variant']}: {' '.join(map(str, row['active_experts_per_layer']))}" for row in adaptive]
+        lines += [
+            f"- {row['config']} {row['variant']}: {' '.join(map(str, row['active_experts_per_layer']))}"
+            for row in adaptive
+        ]
     return "\n".join(lines)
 
 

@@ -16,16 +16,27 @@ from pathlib import Path
 
 import torch
 
-from common import WIKI_VALID, cli_perplexity, dump, machine, median_seconds, run_cli, smollm2_gguf, wiki_valid_tokens, write_section
+from common import (
+    WIKI_VALID,
+    cli_perplexity,
+    dump,
+    machine,
+    median_seconds,
+    run_cli,
+    smollm2_gguf,
+    wiki_valid_tokens,
+    write_section,
+)
 
 CONFIGS = ("S3A3E8", "S1A1E8")
 
 
 def calibration_windows_of(gguf: Path, nsamples: int, seqlen: int) -> torch.Tensor:
+    import cmoe
     from cmoe.calibration import calibration_windows
-    from cmoe.loading import load_tokenizer, resolve_source
 
-    return calibration_windows(wiki_valid_tokens(load_tokenizer(resolve_source(str(gguf)))), nsamples, seqlen, 0)
+    _, tokenizer = cmoe.load_pretrained(str(gguf))
+    return calibration_windows(wiki_valid_tokens(tokenizer), nsamples, seqlen, 0)
 
 
 @torch.no_grad()
@@ -42,8 +53,12 @@ def speed_ratios(dense, carved, window: torch.Tensor, layer: int) -> dict:
     full_dense = median_seconds(lambda: dense(window), repeats=3)
     full_carved = median_seconds(lambda: carved(window), repeats=3)
     return {
-        "ffn_dense_ms": 1e3 * ffn_dense, "ffn_carved_ms": 1e3 * ffn_carved, "ffn_ratio": ffn_carved / ffn_dense,
-        "forward_dense_s": full_dense, "forward_carved_s": full_carved, "forward_ratio": full_carved / full_dense,
+        "ffn_dense_ms": 1e3 * ffn_dense,
+        "ffn_carved_ms": 1e3 * ffn_carved,
+        "ffn_ratio": ffn_carved / ffn_dense,
+        "forward_dense_s": full_dense,
+        "forward_carved_s": full_carved,
+        "forward_ratio": full_carved / full_dense,
     }
 
 
@@ -56,7 +71,16 @@ def main() -> None:
     gguf = smollm2_gguf()
     torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix="cmoe-bench-"))
-    calib = ["--data", str(WIKI_VALID), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]
+    calib = [
+        "--data",
+        str(WIKI_VALID),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--device",
+        "cpu",
+    ]
 
     results = {"dense": cli_perplexity(str(gguf), args.eval_windows, args.seqlen)}
     profile = work / "dense.profile.safetensors"
@@ -68,21 +92,25 @@ def main() -> None:
             seconds, rss, _ = run_cli("carve", str(gguf), "--config", config, "-o", str(out), *extra)
             recipe = json.loads((out / "cmoe_recipe.json").read_text())
             results[f"{config}/{mode}"] = {
-                "carve_wall_s": seconds, "carve_peak_rss_mib": rss, "timings_s": recipe["timings_s"],
-                "eval": cli_perplexity(str(out), args.eval_windows, args.seqlen), "path": str(out),
+                "carve_wall_s": seconds,
+                "carve_peak_rss_mib": rss,
+                "timings_s": recipe["timings_s"],
+                "eval": cli_perplexity(str(out), args.eval_windows, args.seqlen),
+                "path": str(out),
             }
 
     import cmoe
-    from cmoe.loading import load_model, resolve_source
 
-    dense = load_model(resolve_source(str(gguf)), torch.float32)
+    dense, _ = cmoe.load_pretrained(str(gguf), torch.float32)
     windows = calibration_windows_of(gguf, args.nsamples, args.seqlen)
     with torch.no_grad():
         dense_calib_s = median_seconds(lambda: [dense(w[None]).logits.shape for w in windows], repeats=1, warmup=0)
     results["dense_forward_over_calibration_s"] = dense_calib_s
     for config in CONFIGS:
         carved = cmoe.load_carved(results[f"{config}/sequential"]["path"])
-        results[f"{config}/speed"] = speed_ratios(dense, carved, windows[0][None], layer=dense.config.num_hidden_layers // 2)
+        results[f"{config}/speed"] = speed_ratios(
+            dense, carved, windows[0][None], layer=dense.config.num_hidden_layers // 2
+        )
     print(dump(results))
     write_section("Carving SmolLM2-135M (bench_carve.py)", report(results, args, dense_calib_s))
 
@@ -91,13 +119,17 @@ def report(results: dict, args, dense_calib_s: float) -> str:
     dense = results["dense"]
     lines = [
         f"Machine: {machine()}.",
-        f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32, 30 layers, FFN 1536). Calibration: {args.nsamples} "
+        "Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32, 30 layers, FFN 1536). Calibration: "
+        f"{args.nsamples} "
         f"windows x {args.seqlen} tokens of wiki.valid.tokens, seed 0, K_a 10. Evaluation: wiki.test.raw, first "
         f"{dense['windows']} windows x {dense['seqlen']} tokens ({dense['tokens']} tokens), GPTQ protocol.",
-        f"One dense forward pass over the calibration tokens: {dense_calib_s:.1f} s. `carve / dense forward` divides the "
-        "carving stages (capture, profile, group, propagate) by it; loading the model and tokenising are listed but not counted.",
+        f"One dense forward pass over the calibration tokens: {dense_calib_s:.1f} s. `carve / dense forward` divides "
+        "the "
+        "carving stages (capture, profile, group, propagate) by it; loading the model and tokenising are listed but "
+        "not counted.",
         "",
-        "| model | mode | perplexity | gap (ln ppl - ln dense) | carve stages (s) | carve / dense forward | whole command (s) | peak RSS (MiB) |",
+        "| model | mode | perplexity | gap (ln ppl - ln dense) | carve stages (s) | carve / dense forward | whole "
+        "command (s) | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|",
         f"| dense | - | {dense['perplexity']:.2f} | - | - | - | - | {dense['peak_rss_mib']:.0f} (eval) |",
     ]
@@ -119,7 +151,8 @@ def report(results: dict, args, dense_calib_s: float) -> str:
         "",
         "Speed at 2,048 tokens (batch 1, fp32, median of repeats, same process):",
         "",
-        "| config | FFN block dense (ms) | FFN block carved (ms) | FFN ratio | forward dense (s) | forward carved (s) | forward ratio |",
+        "| config | FFN block dense (ms) | FFN block carved (ms) | FFN ratio | forward dense (s) | forward carved (s) "
+        "| forward ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for config in CONFIGS:

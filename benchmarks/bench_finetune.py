@@ -11,7 +11,6 @@ fine-tuned models. Every command runs as a real `cmoe` process (peak RSS per pro
 """
 
 import argparse
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -26,6 +25,8 @@ from common import (
     write_section,
 )
 
+from cmoe.io.recipe_file import read_recipe
+
 CONFIG = "S1A1E8"
 
 
@@ -37,7 +38,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--work", type=Path, default=None, help="Keep the models here (default: a temporary directory).")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="Keep the models here (default: a temporary directory)."
+    )
     args = parser.parse_args()
     gguf = smollm2_gguf()
     work = args.work or Path(tempfile.mkdtemp(prefix="cmoe-bench-ft-"))
@@ -45,14 +48,47 @@ def main() -> None:
     carved, tuned = work / CONFIG, work / f"{CONFIG}-finetuned"
 
     results = {"dense": cli_perplexity(str(gguf), args.eval_windows)}
-    seconds, rss, _ = run_cli("carve", str(gguf), "--config", CONFIG, "-o", str(carved), "--data", str(WIKI_VALID),
-                              "--nsamples", "8", "--seqlen", "2048", "--device", "cpu", "--overwrite")
+    seconds, rss, _ = run_cli(
+        "carve",
+        str(gguf),
+        "--config",
+        CONFIG,
+        "-o",
+        str(carved),
+        "--data",
+        str(WIKI_VALID),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "2048",
+        "--device",
+        "cpu",
+        "--overwrite",
+    )
     results["carve"] = {"wall_s": seconds, "peak_rss_mib": rss}
     results["training_free"] = cli_perplexity(str(carved), args.eval_windows)
-    seconds, rss, _ = run_cli("finetune", str(carved), "--data", str(WIKI_VALID), "-o", str(tuned), "--nsamples",
-                              str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-                              "--grad-accum", str(args.grad_accum), "--lr", str(args.lr), "--device", "cpu", "--overwrite")
-    recipe = json.loads((tuned / "cmoe_recipe.json").read_text())["finetune"]
+    seconds, rss, _ = run_cli(
+        "finetune",
+        str(carved),
+        "--data",
+        str(WIKI_VALID),
+        "-o",
+        str(tuned),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--lr",
+        str(args.lr),
+        "--device",
+        "cpu",
+        "--overwrite",
+    )
+    recipe = read_recipe(tuned)["finetune"]
     results["finetune"] = {"wall_s": seconds, "peak_rss_mib": rss, "recipe": recipe}
     results["finetuned"] = cli_perplexity(str(tuned), args.eval_windows)
     (work / "results.json").write_text(dump(results))
@@ -79,32 +115,38 @@ def report(results: dict, args) -> str:
     tail = sum(point["loss"] for point in losses[-5:]) / min(5, len(losses))
     options = recipe["options"]
     evaluated = results["dense"]
-    return "\n".join([
-        f"Machine: {machine()}.",
-        f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32) carved {CONFIG} (sequential, calibration 8 windows "
-        "x 2048 tokens of wiki.valid.tokens, seed 0).",
-        f"Fine-tuning: `cmoe finetune` on wiki.valid.tokens, {options['nsamples']} random windows x {options['seqlen']} "
-        f"tokens, batch {options['batch_size']} x grad-accum {options['grad_accum']}, {recipe['steps']} optimizer steps "
-        f"({recipe['tokens']} tokens), one epoch, LoRA r {options['lora_r']} / alpha {options['lora_alpha']} / dropout "
-        f"{options['lora_dropout']}, LR {options['lr']:g} (paper 5.95e-5 for 4M tokens; this run is much shorter), router u "
-        f"LR {options['router_lr']:g}, bias speed {options['bias_speed']:g}, seed {options['seed']}, fp32 on the CPU.",
-        f"Evaluation: wiki.test.raw, first {evaluated['windows']} windows x {evaluated['seqlen']} tokens "
-        f"({evaluated['tokens']} tokens), GPTQ protocol.",
-        "",
-        "| model | perplexity | gap to dense (ln ppl - ln dense) |",
-        "|---|---|---|",
-        f"| dense | {dense:.2f} | - |",
-        f"| {CONFIG} training-free | {free:.2f} | {math.log(free / dense):.2f} |",
-        f"| {CONFIG} fine-tuned | {tuned:.2f} | {math.log(tuned / dense):.2f} |",
-        "",
-        f"Fine-tuning closes {gap_closed(dense, free, tuned):.0%} of the log-perplexity gap to dense "
-        f"(perplexity {free:.1f} -> {tuned:.1f}). Training loss: mean of the first 5 steps {head:.3f}, of the last 5 {tail:.3f}.",
-        f"Training speed: {recipe['tokens_per_second']:.0f} tokens/s (optimizer steps only); whole `cmoe finetune` command "
-        f"{run['wall_s']:.0f} s, peak RSS {run['peak_rss_mib']:.0f} MiB (carve {results['carve']['peak_rss_mib']:.0f} MiB, "
-        f"eval {results['finetuned']['peak_rss_mib']:.0f} MiB).",
-        f"Routing load on the first 8 training windows, busiest expert / uniform share averaged over layers: "
-        f"{imbalance(recipe['routing_load_before']):.2f} before, {imbalance(recipe['routing_load_after']):.2f} after.",
-    ])
+    return "\n".join(
+        [
+            f"Machine: {machine()}.",
+            f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32) carved {CONFIG} (sequential, calibration "
+            "8 windows x 2048 tokens of wiki.valid.tokens, seed 0).",
+            f"Fine-tuning: `cmoe finetune` on wiki.valid.tokens, {options['nsamples']} random windows x "
+            f"{options['seqlen']} tokens, batch {options['batch_size']} x grad-accum {options['grad_accum']}, "
+            f"{recipe['steps']} optimizer steps ({recipe['tokens']} tokens), one epoch, LoRA r {options['lora_r']} / "
+            f"alpha {options['lora_alpha']} / dropout {options['lora_dropout']}, LR {options['lr']:g} (paper 5.95e-5 "
+            f"for 4M tokens; this run is much shorter), router u LR {options['router_lr']:g}, bias speed "
+            f"{options['bias_speed']:g}, seed {options['seed']}, fp32 on the CPU.",
+            f"Evaluation: wiki.test.raw, first {evaluated['windows']} windows x {evaluated['seqlen']} tokens "
+            f"({evaluated['tokens']} tokens), GPTQ protocol.",
+            "",
+            "| model | perplexity | gap to dense (ln ppl - ln dense) |",
+            "|---|---|---|",
+            f"| dense | {dense:.2f} | - |",
+            f"| {CONFIG} training-free | {free:.2f} | {math.log(free / dense):.2f} |",
+            f"| {CONFIG} fine-tuned | {tuned:.2f} | {math.log(tuned / dense):.2f} |",
+            "",
+            f"Fine-tuning closes {gap_closed(dense, free, tuned):.0%} of the log-perplexity gap to dense "
+            f"(perplexity {free:.1f} -> {tuned:.1f}). Training loss: mean of the first 5 steps {head:.3f}, of the "
+            "last 5 "
+            f"{tail:.3f}.",
+            f"Training speed: {recipe['tokens_per_second']:.0f} tokens/s (optimizer steps only); whole `cmoe finetune` "
+            f"command {run['wall_s']:.0f} s, peak RSS {run['peak_rss_mib']:.0f} MiB (carve "
+            f"{results['carve']['peak_rss_mib']:.0f} MiB, eval {results['finetuned']['peak_rss_mib']:.0f} MiB).",
+            f"Routing load on the first 8 training windows, busiest expert / uniform share averaged over layers: "
+            f"{imbalance(recipe['routing_load_before']):.2f} before, {imbalance(recipe['routing_load_after']):.2f} "
+            "after.",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,19 @@ CANDIDATES: dict[str, dict] = {
     "reference": {},
     "linear router": {"router": "linear"},
     "linear router + adaptive budget": {"router": "linear", "budget": "adaptive"},
-    "linear router + adaptive budget + shared by contribution": {"router": "linear", "budget": "adaptive", "shared_by": "contribution"},
+    "linear router + adaptive budget + shared by contribution": {
+        "router": "linear",
+        "budget": "adaptive",
+        "shared_by": "contribution",
+    },
     "down-projection refit": {"refit_down": True},
     "linear router + down-projection refit": {"router": "linear", "refit_down": True},
 }
 
 
-def calibration_and_heldout(tokens: torch.Tensor, nsamples: int, seqlen: int, heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_and_heldout(
+    tokens: torch.Tensor, nsamples: int, seqlen: int, heldout: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ablation's calibration windows (same seed and draw as `calibration_windows`) and held-out ones."""
     rng = random.Random(0)
     starts = [rng.randint(0, tokens.numel() - seqlen) for _ in range(nsamples)]
@@ -80,10 +86,14 @@ def main() -> None:
                 if (shape_name, name) in done:
                     continue
                 carved, _, _ = carve(dense, calibration, shape_name, CANDIDATES[name])
-                rows.append({
-                    "config": shape_name, "candidate": name, "heldout_ppl": perplexity(carved, heldout),
-                    "active_experts_per_layer": [layer["top_k"] for layer in carved.config.cmoe_layers],
-                })
+                rows.append(
+                    {
+                        "config": shape_name,
+                        "candidate": name,
+                        "heldout_ppl": perplexity(carved, heldout),
+                        "active_experts_per_layer": [spec.top_k for spec in carved.config.layer_specs],
+                    }
+                )
                 log.write(json.dumps(rows[-1]) + "\n")
                 log.flush()
                 print(json.dumps(rows[-1]), flush=True)
@@ -105,7 +115,8 @@ def report(rows: list, args, heldout_windows: int) -> str:
         f"Machine: {machine()}.",
         f"SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens (seed 0); scored on "
         f"{heldout_windows} held-out windows x {args.seqlen} of wiki.valid.tokens that overlap no calibration window "
-        f"(dense perplexity {dense:.2f}). Score: summed ln(ppl / dense) over {', '.join(configs)}; lowest: **{winner}**.",
+        f"(dense perplexity {dense:.2f}). Score: summed ln(ppl / dense) over {', '.join(configs)}; lowest: "
+        f"**{winner}**.",
         "",
         "| config | candidate | held-out wiki.valid ppl | gap (ppl / dense - 1) | active routed experts per layer |",
         "|---|---|---|---|---|",
@@ -114,9 +125,12 @@ def report(rows: list, args, heldout_windows: int) -> str:
         per_layer = row["active_experts_per_layer"]
         layout = "uniform" if len(set(per_layer)) == 1 else " ".join(map(str, per_layer))
         lines.append(
-            f"| {row['config']} | {row['candidate']} | {row['heldout_ppl']:.2f} | {row['heldout_ppl'] / dense - 1:.2f} | {layout} |"
+            f"| {row['config']} | {row['candidate']} | {row['heldout_ppl']:.2f} | "
+            f"{row['heldout_ppl'] / dense - 1:.2f} | {layout} |"
         )
-    lines += ["", "| candidate | score |", "|---|---|"] + [f"| {name} | {score:.3f} |" for name, score in sorted(scores.items(), key=lambda item: item[1])]
+    lines += ["", "| candidate | score |", "|---|---|"] + [
+        f"| {name} | {score:.3f} |" for name, score in sorted(scores.items(), key=lambda item: item[1])
+    ]
     return "\n".join(lines)
 
 

@@ -40,10 +40,9 @@ def smollm2_gguf() -> Path:
 
 def dense_smollm2():
     """SmolLM2-135M in fp32 and its tokenizer."""
-    from cmoe.loading import load_model, load_tokenizer, resolve_source
+    import cmoe
 
-    source = resolve_source(str(smollm2_gguf()))
-    return load_model(source, torch.float32), load_tokenizer(source)
+    return cmoe.load_pretrained(str(smollm2_gguf()), torch.float32)
 
 
 def wiki_valid_tokens(tokenizer) -> torch.Tensor:
@@ -61,7 +60,11 @@ def read_log(path: Path) -> list[dict]:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        model_names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        model_names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = model_names[0] if model_names else cpu
     except OSError:
         pass
@@ -94,7 +97,11 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
 
 def write_section(title: str, body: str) -> None:
     """Replace (or append) one `## title` section of RESULTS.md, keeping the others."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by the script it names.\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nEach section is written by the script it names.\n"
+    )
     header = f"## {title}\n"
     section = header + body.rstrip() + "\n"
     if header in text:
@@ -116,6 +123,18 @@ def dump(payload: dict) -> str:
 
 def cli_perplexity(model: str, windows: int, seqlen: int = 2048) -> dict:
     """`cmoe eval perplexity` on the first `windows` windows of wiki.test.raw, in a fresh process."""
-    seconds, rss, out = run_cli("eval", "perplexity", model, "--data", str(WIKI_TEST), "--seqlen", str(seqlen),
-                                "--max-windows", str(windows), "--json", "--device", "cpu")
+    seconds, rss, out = run_cli(
+        "eval",
+        "perplexity",
+        model,
+        "--data",
+        str(WIKI_TEST),
+        "--seqlen",
+        str(seqlen),
+        "--max-windows",
+        str(windows),
+        "--json",
+        "--device",
+        "cpu",
+    )
     return {**json.loads(out), "wall_s": seconds, "peak_rss_mib": rss}

@@ -12,6 +12,21 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cmoe.carving import carve as carve_recipe
+from cmoe.carving import run_profile
+from cmoe.errors import CmoeError
+from cmoe.eval.perplexity import run_perplexity
+from cmoe.eval.routing import run_routing_eval
+from cmoe.finetune import MIXTURES, FinetuneOptions, build_finetune_recipe
+from cmoe.finetune import finetune as finetune_recipe
+from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
+from cmoe.numerics.statistics import MARK_STATISTICS
+from cmoe.pipeline.stages import BUDGETS
+from cmoe.recipes import PRESETS, Calibration, Compute, build_carve_recipe
+from cmoe.registry import Registry
+from cmoe.routers import ROUTERS
+from cmoe.shape import MoEShape
+
 app = typer.Typer(
     help="Carve a dense LLaMA-style model into a Mixture-of-Experts without training (CMoE).",
     no_args_is_help=True,
@@ -22,33 +37,86 @@ eval_app = typer.Typer(help="Evaluate dense and carved models.", no_args_is_help
 app.add_typer(eval_app, name="eval")
 
 console = Console(stderr=True)
-_state = {"debug": False}
 
-ModelArg = Annotated[str, typer.Argument(help="Dense model: a local Hugging Face directory, a hub id, or a .gguf file.", show_default=False)]
-DataOpt = Annotated[str, typer.Option("--data", help="Calibration text: wikitext2, c4, ptb (need the hub) or a local .txt/.jsonl/.json/.parquet file.")]
+
+def _choices(registry: Registry, lead: str) -> str:
+    """An option's help: what it chooses, then every registered name with its one-line help."""
+    return f"{lead} One of {registry.help_text()}."
+
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="Dense model: a local Hugging Face directory, a hub id, or a .gguf file.", show_default=False),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data", help="Calibration text: wikitext2, c4, ptb (need the hub) or a local .txt/.jsonl/.json/.parquet file."
+    ),
+]
 NSamplesOpt = Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")]
 SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per window (at most the model's maximum positions).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for the calibration windows and everything random.")]
 KaOpt = Annotated[int, typer.Option("--ka", help="K_a: neurons marked active per token when profiling.")]
+CarveDataOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--data",
+        help="Calibration text: wikitext2, c4, ptb (need the hub) or a local .txt/.jsonl/.json/.parquet file (default "
+        "wikitext2).",
+    ),
+]
+CarveNSamplesOpt = Annotated[
+    Optional[int], typer.Option("--nsamples", help="Number of calibration windows (default 8).")
+]
+CarveSeqlenOpt = Annotated[
+    Optional[int],
+    typer.Option("--seqlen", help="Tokens per window, at most the model's maximum positions (default 2048)."),
+]
+CarveSeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help="Seed for the calibration windows and everything random (default 0).")
+]
+CarveKaOpt = Annotated[
+    Optional[int], typer.Option("--ka", help="K_a: neurons marked active per token when profiling (default 10).")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda if available), cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, checkpoint dtype or bfloat16 on GPU), float32, bfloat16, float16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="auto (float32 on CPU, checkpoint dtype or bfloat16 on GPU), float32, bfloat16, float16."
+    ),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
-StatisticOpt = Annotated[Optional[str], typer.Option("--statistic", help="Per-token neuron score whose top-K_a are marked: normalized (reference: normalised SwiGLU state), raw (h), contribution (|h_i| |W_down[:, i]|).")]
+StatisticOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--statistic",
+        help=_choices(MARK_STATISTICS, "Per-token neuron score whose top-K_a are marked (default normalized)."),
+    ),
+]
 
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors (or set CMOE_DEBUG=1).")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks on errors (or set CMOE_DEBUG=1).")
+    ] = False,
 ) -> None:
-    _state["debug"] = debug or os.environ.get("CMOE_DEBUG", "") not in ("", "0")
+    """Read by `main` from the arguments before parsing; declared here for --help."""
 
 
 @contextmanager
 def _layer_progress(label: str) -> Iterator:
     """A rich progress bar for a per-layer loop, shown from the loop's first report (so that input
     errors, found before any heavy work, print nothing but their one line); yields the callback."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     progress = Progress(*columns, console=console)
     task = None
 
@@ -65,9 +133,7 @@ def _layer_progress(label: str) -> Iterator:
         progress.stop()
 
 
-def _compute(device: str, dtype: str, batch_size: int):
-    from cmoe.commands import Compute
-
+def _compute(device: str, dtype: str, batch_size: int) -> Compute:
     return Compute(device=device, dtype=dtype, batch_size=batch_size)
 
 
@@ -89,88 +155,219 @@ def profile(
     """Profile neuron activations of a dense model on calibration text, one layer at a time.
 
     The profile holds every statistic any carving option needs, so one profile serves many carves."""
-    from cmoe.commands import Calibration, run_profile
-
     with _layer_progress("profile") as on_layer:
         recipe = run_profile(
-            model, output, Calibration(data, nsamples, seqlen, seed), ka, _compute(device, dtype, batch_size), overwrite,
-            on_layer, statistic or "normalized",
+            model,
+            output,
+            Calibration(data, nsamples, seqlen, seed),
+            ka,
+            _compute(device, dtype, batch_size),
+            overwrite,
+            on_layer,
+            statistic or "normalized",
         )
-    console.print(f"wrote {output} ({recipe['num_layers']} layers, {recipe['calibration']['calibration_tokens']} tokens, "
-                  f"{recipe['timings_s']['profile']:.1f} s)")
+    console.print(
+        f"wrote {output} ({recipe['num_layers']} layers, {recipe['calibration']['calibration_tokens']} tokens, "
+        f"{recipe['timings_s']['profile']:.1f} s)"
+    )
 
 
 @app.command()
 def carve(
-    model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the carved model to.")],
-    config: Annotated[Optional[str], typer.Option("--config", help="S<shared>A<active>E<experts>, e.g. S3A3E8 (default S3A3E8 unless the three counts are given).")] = None,
-    shared: Annotated[Optional[int], typer.Option("--shared", help="Shared (always-on) experts N_s, instead of --config.")] = None,
-    active: Annotated[Optional[int], typer.Option("--active", help="Routed experts selected per token N_k, instead of --config.")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Dense model: a local Hugging Face directory, a hub id, or a .gguf file (default with --recipe: the "
+            "recipe's).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the carved model to.")] = ...,
+    recipe_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--recipe",
+            help="Replay a carve: its cmoe_recipe.yaml (or its directory). Options given on the command line override "
+            "the file's.",
+        ),
+    ] = None,
+    config: Annotated[
+        Optional[str],
+        typer.Option(
+            "--config",
+            help="S<shared>A<active>E<experts>, e.g. S3A3E8 (default S3A3E8 unless the three counts are given).",
+        ),
+    ] = None,
+    shared: Annotated[
+        Optional[int], typer.Option("--shared", help="Shared (always-on) experts N_s, instead of --config.")
+    ] = None,
+    active: Annotated[
+        Optional[int], typer.Option("--active", help="Routed experts selected per token N_k, instead of --config.")
+    ] = None,
     experts: Annotated[Optional[int], typer.Option("--experts", help="Total experts N, instead of --config.")] = None,
-    profile_file: Annotated[Optional[Path], typer.Option("--profile", help="Reuse a profile of the dense model (`cmoe profile`) instead of sequential calibration: faster, slightly worse.")] = None,
-    data: DataOpt = "wikitext2",
-    nsamples: NSamplesOpt = 8,
-    seqlen: SeqlenOpt = 2048,
-    seed: SeedOpt = 0,
-    ka: KaOpt = 10,
-    preset: Annotated[str, typer.Option("--preset", help="reference (the CMoE reference, faithfully) or quality (linear router + least-squares down-projection refit, chosen on held-out calibration-domain text; sequential carving only). Options given explicitly override the preset.")] = "reference",
+    profile_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--profile",
+            help="Reuse a profile of the dense model (`cmoe profile`) instead of sequential calibration: faster, "
+            "slightly worse.",
+        ),
+    ] = None,
+    data: CarveDataOpt = None,
+    nsamples: CarveNSamplesOpt = None,
+    seqlen: CarveSeqlenOpt = None,
+    seed: CarveSeedOpt = None,
+    ka: CarveKaOpt = None,
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--preset",
+            help=_choices(
+                PRESETS, "A measured set of options (default reference); options given explicitly override it."
+            ),
+        ),
+    ] = None,
     statistic: StatisticOpt = None,
-    shared_by: Annotated[Optional[str], typer.Option("--shared-by", help="Shared-expert neurons: rate (most often marked, reference) or contribution (largest mean |h_i| |W_down[:, i]|).")] = None,
-    grouping: Annotated[Optional[str], typer.Option("--grouping", help="Routed experts: hamming (one balanced assignment on mark columns, reference) or kmeans (balanced k-means on contribution co-activation).")] = None,
-    kmeans_iterations: Annotated[Optional[int], typer.Option("--kmeans-iterations", help="Refinement passes of --grouping kmeans (0: one assignment to the seeds).")] = None,
-    representative: Annotated[Optional[str], typer.Option("--representative", help="Analytic router's neuron per expert: centroid (reference) or most-active.")] = None,
-    router: Annotated[Optional[str], typer.Option("--router", help="analytic (reference: representative neurons), linear (fitted in closed form to predict each expert's output) or noisy-topk (Shazeer 2017, random start: for `cmoe finetune`).")] = None,
-    method: Annotated[str, typer.Option("--method", help="Expert construction: cmoe (reference), random, clustering (balanced k-means on W_up rows), sharing-inner or sharing-inter (gradient importance per data group; LLaMA-MoE). Only cmoe and sharing-inter build shared experts.")] = "cmoe",
-    rescale: Annotated[bool, typer.Option("--rescale", help="Scale the selected experts' outputs by n/k (LLaMA-MoE), folded into their down_proj.")] = False,
-    budget: Annotated[Optional[str], typer.Option("--budget", help="Active experts per layer: uniform (N_k everywhere, reference) or adaptive (the same total, spread over the layers to minimise measured output error; sequential carving only, not with --refit-down).")] = None,
-    refit_down: Annotated[Optional[bool], typer.Option("--refit-down/--no-refit-down", help="Refit every layer's down projections by least squares to the dense outputs on the calibration tokens, routing fixed (closed form, no inference cost; sequential carving and --budget uniform only).")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    batch_size: BatchOpt = 1,
+    shared_by: Annotated[
+        Optional[str],
+        typer.Option("--shared-by", help=_choices(SHARED_BY, "Which neurons form the shared experts (default rate).")),
+    ] = None,
+    grouping: Annotated[
+        Optional[str],
+        typer.Option(
+            "--grouping",
+            help=_choices(GROUPINGS, "How the other neurons are grouped into routed experts (default hamming)."),
+        ),
+    ] = None,
+    kmeans_iterations: Annotated[
+        Optional[int],
+        typer.Option(
+            "--kmeans-iterations",
+            help="Refinement passes of --grouping kmeans and --method clustering (0: one assignment to the seeds; "
+            "default 5).",
+        ),
+    ] = None,
+    representative: Annotated[
+        Optional[str],
+        typer.Option(
+            "--representative",
+            help=_choices(REPRESENTATIVES, "The analytic router's neuron per expert (default centroid)."),
+        ),
+    ] = None,
+    router: Annotated[
+        Optional[str],
+        typer.Option("--router", help=_choices(ROUTERS, "How tokens pick their experts (default analytic).")),
+    ] = None,
+    method: Annotated[
+        Optional[str],
+        typer.Option(
+            "--method",
+            help=_choices(
+                METHODS, "Expert construction (default cmoe); only cmoe and sharing-inter build shared experts."
+            ),
+        ),
+    ] = None,
+    rescale: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--rescale/--no-rescale",
+            help="Scale the selected experts' outputs by n/k (LLaMA-MoE), folded into their down_proj (default off).",
+        ),
+    ] = None,
+    budget: Annotated[
+        Optional[str],
+        typer.Option(
+            "--budget",
+            help=_choices(BUDGETS, "Active experts per layer (default uniform); adaptive is not with --refit-down."),
+        ),
+    ] = None,
+    refit_down: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--refit-down/--no-refit-down",
+            help="Refit every layer's down projections by least squares to the dense outputs on the calibration "
+            "tokens, routing fixed (closed form, no inference cost; sequential carving and --budget uniform only).",
+        ),
+    ] = None,
+    propagate: Annotated[
+        Optional[str],
+        typer.Option(
+            "--propagate",
+            help="What each layer is profiled on: carved (the outputs of the already carved layers, reference) or "
+            "dense (the dense model's outputs).",
+        ),
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="auto (cuda if available), cpu or cuda (default auto).")
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dtype",
+            help="auto (float32 on CPU, checkpoint dtype or bfloat16 on GPU), float32, bfloat16, float16 (default "
+            "auto).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Windows per forward batch (default 1).")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Carve a dense model into a Mixture-of-Experts (shared + routed experts, training-free router)."""
-    from dataclasses import replace
-
-    from cmoe.commands import Calibration, run_carve
-    from cmoe.config import MoEShape
-    from cmoe.options import CarveOptions, with_preset
-
-    shape = _shape(config, shared, active, experts, MoEShape)
-    explicit = {
-        "statistic": statistic, "shared_by": shared_by, "grouping": grouping, "kmeans_iterations": kmeans_iterations,
-        "representative": representative, "router": router, "budget": budget,
+    shape = _shape(config, shared, active, experts)
+    options = {
+        "ka": ka,
+        "method": method,
+        "seed": seed,
+        "rescale": rescale,
+        "statistic": statistic,
+        "shared_by": shared_by,
+        "grouping": grouping,
+        "kmeans_iterations": kmeans_iterations,
+        "representative": representative,
+        "router": router,
+        "budget": budget,
         "refit_down": refit_down,
+        "propagate": propagate,
     }
-    options = with_preset(CarveOptions(shape=shape, ka=ka, method=method, seed=seed, rescale=rescale), preset)
-    options = replace(options, **{name: value for name, value in explicit.items() if value is not None})
-    calibration = None if profile_file else Calibration(data, nsamples, seqlen, seed)
-    with _layer_progress(f"carve {shape.name}") as on_layer:
-        recipe = run_carve(model, output, options, calibration, profile_file, _compute(device, dtype, batch_size), overwrite, on_layer)
-    note = f"; {recipe['leftover_neurons_in_shared']} leftover neurons joined the shared expert" if "leftover_neurons_in_shared" in recipe else ""
-    console.print(f"wrote {output} ({shape.name}, {recipe['timings_s']['total']:.1f} s{note})")
+    calibration = {"source": data, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    compute = {"device": device, "dtype": dtype, "batch_size": batch_size}
+    recipe = build_carve_recipe(model, recipe_file, shape, preset, profile_file, options, calibration, compute)
+    name = recipe.options.shape.name
+    with _layer_progress(f"carve {name}") as on_layer:
+        record = carve_recipe(recipe, output, overwrite, on_layer)
+    note = (
+        f"; {record['leftover_neurons_in_shared']} leftover neurons joined the shared expert"
+        if "leftover_neurons_in_shared" in record
+        else ""
+    )
+    console.print(f"wrote {output} ({name}, {record['timings_s']['total']:.1f} s{note})")
 
 
-def _shape(config, shared, active, experts, shape_cls):
-    from cmoe.errors import CmoeError
-
+def _shape(config, shared, active, experts):
+    """The --config or the three counts, or None when neither is given."""
     counts = (shared, active, experts)
     if config is not None and any(count is not None for count in counts):
         raise CmoeError("give either --config or --shared/--active/--experts, not both")
     if config is None and any(count is not None for count in counts):
         if any(count is None for count in counts):
             raise CmoeError("--shared, --active and --experts must be given together")
-        return shape_cls(shared, active, experts).validated()
-    return shape_cls.parse(config or "S3A3E8")
+        return MoEShape(shared, active, experts).validated()
+    return MoEShape.parse(config) if config is not None else None
 
 
 @eval_app.command()
 def perplexity(
-    model: Annotated[str, typer.Argument(help="Dense or carved model: a directory, a hub id, or a .gguf file.", show_default=False)],
-    data: Annotated[str, typer.Option("--data", help="Evaluation text: wikitext2, c4, ptb (need the hub) or a local file.")] = "wikitext2",
+    model: Annotated[
+        str, typer.Argument(help="Dense or carved model: a directory, a hub id, or a .gguf file.", show_default=False)
+    ],
+    data: Annotated[
+        str, typer.Option("--data", help="Evaluation text: wikitext2, c4, ptb (need the hub) or a local file.")
+    ] = "wikitext2",
     seqlen: SeqlenOpt = 2048,
-    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (quick runs).")] = None,
+    max_windows: Annotated[
+        Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (quick runs).")
+    ] = None,
     split: Annotated[str, typer.Option("--split", help="Split of a named source: test, validation or train.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     device: DeviceOpt = "auto",
@@ -178,51 +375,76 @@ def perplexity(
     batch_size: BatchOpt = 1,
 ) -> None:
     """Perplexity under the GPTQ protocol (non-overlapping windows, text tokenised once)."""
-    from cmoe.commands import run_perplexity
-
     with _layer_progress("eval") as on_layer:
         result = run_perplexity(model, data, seqlen, max_windows, split, _compute(device, dtype, batch_size), on_layer)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        typer.echo(f"perplexity {result.perplexity:.4f} (seqlen {result.seqlen}, {result.windows} windows, {result.tokens} tokens)")
+        typer.echo(
+            f"perplexity {result.perplexity:.4f} (seqlen {result.seqlen}, {result.windows} windows, {result.tokens} "
+            "tokens)"
+        )
 
 
 @eval_app.command()
 def routing(
     model: Annotated[str, typer.Argument(help="Carved model directory (from `cmoe carve`).", show_default=False)],
-    data: Annotated[list[str], typer.Option("--data", help="A data source as NAME=SOURCE, repeatable (e.g. --data wiki=wikitext2 --data stories=stories.txt).")],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data",
+            help="A data source as NAME=SOURCE, repeatable (e.g. --data wiki=wikitext2 --data stories=stories.txt).",
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the PNGs and routing.json to.")],
-    layer: Annotated[Optional[int], typer.Option("--layer", help="Layer of the distance matrix and the per-source load figure (default: the last carved layer).")] = None,
+    layer: Annotated[
+        Optional[int],
+        typer.Option(
+            "--layer",
+            help="Layer of the distance matrix and the per-source load figure (default: the last carved layer).",
+        ),
+    ] = None,
     seqlen: SeqlenOpt = 2048,
-    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Windows per source (first N, GPTQ protocol).")] = 8,
+    max_windows: Annotated[
+        Optional[int], typer.Option("--max-windows", help="Windows per source (first N, GPTQ protocol).")
+    ] = 8,
     split: Annotated[str, typer.Option("--split", help="Split of a named source: test, validation or train.")] = "test",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Expert load per layer and data source, balance figures, heatmaps and routing distances (LLaMA-MoE figures 4 and 5)."""
-    from cmoe.routing_analysis import run_routing_eval
-
+    """Expert load per layer and data source, balance figures, heatmaps and routing distances (LLaMA-MoE figs 4, 5)."""
     with _layer_progress("routing") as on_layer:
-        report = run_routing_eval(model, data, output, layer, seqlen, max_windows, split, device, dtype, batch_size, overwrite, on_layer)
-    console.print(f"wrote {output} ({len(report['sources'])} sources, {len(report['layers'])} layers, distances at layer {report['distance_layer']})")
+        report = run_routing_eval(
+            model, data, output, layer, seqlen, max_windows, split, device, dtype, batch_size, overwrite, on_layer
+        )
+    console.print(
+        f"wrote {output} ({len(report['sources'])} sources, {len(report['layers'])} layers, distances at layer "
+        f"{report['distance_layer']})"
+    )
 
 
 @contextmanager
 def _training_progress() -> Iterator:
     """A rich progress bar over optimizer steps with loss, tokens/s and ETA, shown from the first step."""
     columns = (
-        TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
-        TextColumn("{task.fields[speed]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("finetune"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"),
+        TextColumn("{task.fields[speed]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     progress = Progress(*columns, console=console)
     task = None
 
     def on_step(report) -> None:
         nonlocal task
-        losses = f"loss {report.loss:.4f}" + ("" if report.balance_loss is None else f" balance {report.balance_loss:.4f}")
+        losses = f"loss {report.loss:.4f}" + (
+            "" if report.balance_loss is None else f" balance {report.balance_loss:.4f}"
+        )
         if task is None:
             progress.start()
             task = progress.add_task("finetune", total=report.total, losses=losses, speed=report.tokens_per_second)
@@ -234,67 +456,264 @@ def _training_progress() -> Iterator:
         progress.stop()
 
 
+FINETUNE_DEFAULTS = FinetuneOptions()
+
+
 @app.command()
 def finetune(
-    model: Annotated[str, typer.Argument(help="Carved model directory (from `cmoe carve`).", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the fine-tuned carved model to; checkpoints go to OUT.checkpoints/.")],
-    data: Annotated[list[str], typer.Option("--data", help="Training text, repeatable for a mixture: SOURCE or SOURCE:WEIGHT (e.g. a.jsonl:0.7 --data b.txt:0.3; weight 1 by default).")],
-    mixture: Annotated[str, typer.Option("--mixture", help="static (fixed --data weights) or dynamic (re-weight domains every --mixture-every steps by their loss gap to the dense model).")] = "static",
-    mixture_every: Annotated[int, typer.Option("--mixture-every", help="Steps between dynamic mixture updates.")] = 50,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="Dense model for --mixture dynamic (default: the carved model's source when it is a local path).")] = None,
-    heldout_windows: Annotated[int, typer.Option("--heldout-windows", help="Windows at the end of each --data source held out of training to measure the dynamic mixture's losses.")] = 4,
-    full: Annotated[bool, typer.Option("--full", help="Train every weight instead of LoRA adapters.")] = False,
-    train_router: Annotated[bool, typer.Option("--train-router/--freeze-router", help="Train the routers: scales u, and a noisy-topk gate's weights (own learning rate --router-lr).")] = True,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate of the LoRA adapters (or of every weight with --full); CMoE paper 5.95e-5.")] = 5.95e-5,
-    router_lr: Annotated[float, typer.Option("--router-lr", help="Learning rate of the router parameters (scales u; noisy-topk gate and noise weights).")] = 1e-3,
-    bias_speed: Annotated[float, typer.Option("--bias-speed", help="Step of the sign-rule update of the balancing bias b after each optimizer step (0: frozen).")] = 1e-3,
-    balance_coef: Annotated[float, typer.Option("--balance-coef", help="Weight of the balance loss of routers that define one (e.g. noisy top-k); others add nothing.")] = 0.01,
-    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 8,
-    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha.")] = 32,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")] = 0.1,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the --nsamples windows.")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (a checkpoint is kept for --resume).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch (per process).")] = 2,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
-    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass to save memory.")] = False,
-    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out text for perplexity at the start, every --eval-every steps and at the end.")] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evaluations on --eval-data (0: start and end only).")] = 0,
-    eval_windows: Annotated[int, typer.Option("--eval-windows", help="Windows of --eval-data evaluated (GPTQ protocol, first N).")] = 8,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: only when stopped by --max-steps).")] = 100,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.checkpoints/ (same options).")] = False,
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Training windows per epoch.")] = 2048,
-    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per training window.")] = 2048,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    model: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Carved model directory (from `cmoe carve`; default with --recipe: the recipe's).", show_default=False
+        ),
+    ] = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Directory to write the fine-tuned carved model to; checkpoints go to OUT.checkpoints/.",
+        ),
+    ] = ...,
+    recipe_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--recipe",
+            help="Replay a fine-tuning: its cmoe_recipe.yaml (or the fine-tuned model's directory). "
+            "Options given on the command line override the file's.",
+        ),
+    ] = None,
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--data",
+            help="Training text, repeatable for a mixture: SOURCE or SOURCE:WEIGHT (e.g. a.jsonl:0.7 --data "
+            "b.txt:0.3; weight 1 by default). Required unless --recipe gives it; replaces the recipe's list.",
+        ),
+    ] = None,
+    mixture: Annotated[
+        Optional[str],
+        typer.Option(
+            "--mixture",
+            help=_choices(MIXTURES, f"How the --data domains are weighted (default {FINETUNE_DEFAULTS.mixture})."),
+        ),
+    ] = None,
+    mixture_every: Annotated[
+        Optional[int],
+        typer.Option(
+            "--mixture-every",
+            help=f"Steps between dynamic mixture updates (default {FINETUNE_DEFAULTS.mixture_every}).",
+        ),
+    ] = None,
+    reference: Annotated[
+        Optional[str],
+        typer.Option(
+            "--reference",
+            help="Dense model for --mixture dynamic (default: the carved model's source when it is a local path).",
+        ),
+    ] = None,
+    heldout_windows: Annotated[
+        Optional[int],
+        typer.Option(
+            "--heldout-windows",
+            help="Windows at the end of each --data source held out of training to measure the dynamic "
+            f"mixture's losses (default {FINETUNE_DEFAULTS.heldout_windows}).",
+        ),
+    ] = None,
+    full: Annotated[
+        Optional[bool],
+        typer.Option("--full/--lora", help="Train every weight (--full) or LoRA adapters (--lora, the default)."),
+    ] = None,
+    train_router: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--train-router/--freeze-router",
+            help="Train the routers: scales u, and a noisy-topk gate's weights (own learning "
+            "rate --router-lr; default --train-router).",
+        ),
+    ] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(
+            "--lr",
+            help="Learning rate of the LoRA adapters (or of every weight with --full; default "
+            f"{FINETUNE_DEFAULTS.lr:g}, the CMoE paper's).",
+        ),
+    ] = None,
+    router_lr: Annotated[
+        Optional[float],
+        typer.Option(
+            "--router-lr",
+            help="Learning rate of the router parameters (scales u; noisy-topk gate and noise weights; default "
+            f"{FINETUNE_DEFAULTS.router_lr:g}).",
+        ),
+    ] = None,
+    bias_speed: Annotated[
+        Optional[float],
+        typer.Option(
+            "--bias-speed",
+            help="Step of the sign-rule update of the balancing bias b after each optimizer step (0: frozen; "
+            f"default {FINETUNE_DEFAULTS.bias_speed:g}).",
+        ),
+    ] = None,
+    balance_coef: Annotated[
+        Optional[float],
+        typer.Option(
+            "--balance-coef",
+            help="Weight of the balance loss of routers that define one (e.g. noisy top-k); others add "
+            f"nothing (default {FINETUNE_DEFAULTS.balance_coef:g}).",
+        ),
+    ] = None,
+    lora_r: Annotated[
+        Optional[int], typer.Option("--lora-r", help=f"LoRA rank (default {FINETUNE_DEFAULTS.lora_r}).")
+    ] = None,
+    lora_alpha: Annotated[
+        Optional[int], typer.Option("--lora-alpha", help=f"LoRA alpha (default {FINETUNE_DEFAULTS.lora_alpha}).")
+    ] = None,
+    lora_dropout: Annotated[
+        Optional[float],
+        typer.Option("--lora-dropout", help=f"LoRA dropout (default {FINETUNE_DEFAULTS.lora_dropout:g})."),
+    ] = None,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option("--epochs", help=f"Passes over the --nsamples windows (default {FINETUNE_DEFAULTS.epochs})."),
+    ] = None,
+    max_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-steps",
+            help="Stop after this many optimizer steps, keeping a checkpoint for --resume (default: run the "
+            "whole schedule).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size", help=f"Windows per micro-batch, per process (default {FINETUNE_DEFAULTS.batch_size})."
+        ),
+    ] = None,
+    grad_accum: Annotated[
+        Optional[int],
+        typer.Option(
+            "--grad-accum", help=f"Micro-batches per optimizer step (default {FINETUNE_DEFAULTS.grad_accum})."
+        ),
+    ] = None,
+    grad_checkpointing: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Recompute activations in the backward pass to save memory (default off).",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--eval-data",
+            help="Held-out text for perplexity at the start, every --eval-every steps and at the end (default: none).",
+        ),
+    ] = None,
+    eval_every: Annotated[
+        Optional[int],
+        typer.Option(
+            "--eval-every",
+            help="Steps between evaluations on --eval-data (0: start and end only; default "
+            f"{FINETUNE_DEFAULTS.eval_every}).",
+        ),
+    ] = None,
+    eval_windows: Annotated[
+        Optional[int],
+        typer.Option(
+            "--eval-windows",
+            help="Windows of --eval-data evaluated (GPTQ protocol, first N; default "
+            f"{FINETUNE_DEFAULTS.eval_windows}).",
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        Optional[int],
+        typer.Option(
+            "--checkpoint-every",
+            help="Steps between checkpoints (0: only when stopped by --max-steps; default "
+            f"{FINETUNE_DEFAULTS.checkpoint_every}).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from the last checkpoint in OUT.checkpoints/ with the same options (default: start afresh).",
+        ),
+    ] = False,
+    nsamples: Annotated[
+        Optional[int],
+        typer.Option("--nsamples", help=f"Training windows per epoch (default {FINETUNE_DEFAULTS.nsamples})."),
+    ] = None,
+    seqlen: Annotated[
+        Optional[int],
+        typer.Option("--seqlen", help=f"Tokens per training window (default {FINETUNE_DEFAULTS.seqlen})."),
+    ] = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(
+            "--seed",
+            help=f"Seed for the windows, the adapters and everything random (default {FINETUNE_DEFAULTS.seed}).",
+        ),
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="auto (cuda if available), cpu or cuda (default auto).")
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dtype",
+            help="auto (float32 on CPU, checkpoint dtype or bfloat16 on GPU), float32, bfloat16, float16 (default "
+            "auto).",
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Recovery fine-tuning of a carved model (CMoE's LoRA recipe; LLaMA-MoE's static or dynamic data mixtures)."""
-    from cmoe.finetune import FinetuneOptions, run_finetune
-
-    options = FinetuneOptions(
-        nsamples=nsamples, seqlen=seqlen, seed=seed, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, router_lr=router_lr, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, train_router=train_router, bias_speed=bias_speed, balance_coef=balance_coef,
-        grad_checkpointing=grad_checkpointing, mixture=mixture, mixture_every=mixture_every,
-        heldout_windows=heldout_windows, eval_every=eval_every,
-        eval_windows=eval_windows, checkpoint_every=checkpoint_every,
-    )
+    options = {
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "lr": lr,
+        "router_lr": router_lr,
+        "full": full,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "train_router": train_router,
+        "bias_speed": bias_speed,
+        "balance_coef": balance_coef,
+        "grad_checkpointing": grad_checkpointing,
+        "mixture": mixture,
+        "mixture_every": mixture_every,
+        "heldout_windows": heldout_windows,
+        "eval_every": eval_every,
+        "eval_windows": eval_windows,
+        "checkpoint_every": checkpoint_every,
+    }
+    recipe = build_finetune_recipe(model, recipe_file, options, data, eval_data, reference, device, dtype)
     with _training_progress() as on_step:
-        recipe = run_finetune(model, data, output, options, eval_data, reference, device, dtype, overwrite, resume, on_step)
-    if recipe is None:  # not the main process of an `accelerate launch` run: that one reports
+        record = finetune_recipe(recipe, output, overwrite, resume, on_step)
+    if record is None:  # not the main process of an `accelerate launch` run: that one reports
         return
-    summary = recipe["finetune"]
+    summary = record["finetune"]
     curve = summary["eval_curve"]
     quality = f", perplexity {curve[0]['perplexity']:.2f} -> {curve[-1]['perplexity']:.2f}" if len(curve) > 1 else ""
-    console.print(f"wrote {output} ({summary['steps']} steps, {summary['tokens']} tokens, "
-                  f"{summary['tokens_per_second'] or 0:.0f} tok/s{quality})", soft_wrap=True)
+    console.print(
+        f"wrote {output} ({summary['steps']} steps, {summary['tokens']} tokens, "
+        f"{summary['tokens_per_second'] or 0:.0f} tok/s{quality})",
+        soft_wrap=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; tracebacks only with --debug or CMOE_DEBUG=1."""
-    from cmoe.errors import CmoeError
-
     args = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
     debug = "--debug" in args or os.environ.get("CMOE_DEBUG", "") not in ("", "0")

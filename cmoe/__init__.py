@@ -2,19 +2,59 @@
 
 Importing cmoe registers the carved architecture with transformers' Auto classes, so
 `AutoModelForCausalLM.from_pretrained(carved_dir)` works without `trust_remote_code`.
+
+The public API: `carve` / `run_carve` / `run_profile` (cmoe.carving), `run_perplexity` /
+`perplexity_of` (cmoe.eval.perplexity), `load_carved`, the typed recipes (cmoe.recipes) and the
+registries every interchangeable piece is looked up in (methods, routers, presets, ...).
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from cmoe.configuration_cmoe import CMoEConfig
-from cmoe.modeling_cmoe import CMoEBlock, CMoEForCausalLM
-
-AutoConfig.register(CMoEConfig.model_type, CMoEConfig, exist_ok=True)
-AutoModelForCausalLM.register(CMoEConfig, CMoEForCausalLM, exist_ok=True)
-
-from cmoe.carved_io import load_carved  # noqa: E402  (needs the registration above)
-from cmoe.config import MoEShape  # noqa: E402
-from cmoe.errors import CmoeError  # noqa: E402
+from cmoe.modeling import CMoEBlock, CMoEConfig, CMoEForCausalLM, MoELayerSpec, Router
+from cmoe.carving import carve, carve_model, run_carve, run_profile
+from cmoe.errors import CmoeError
+from cmoe.eval.perplexity import perplexity_of, run_perplexity
+from cmoe.io.artifacts import StageTimer
+from cmoe.io.carved import load_carved, mean_active_neurons
+from cmoe.io.loading import load_pretrained
+from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY, ConstructionMethod
+from cmoe.numerics.statistics import MARK_STATISTICS
+from cmoe.pipeline.stages import BUDGETS
+from cmoe.recipes import PRESETS, Calibration, CarveOptions, CarveRecipe, Compute
+from cmoe.routers import ROUTERS, RouterKind, register_router
+from cmoe.shape import MoEShape
 
 __version__ = "0.1.0"
-__all__ = ["CMoEBlock", "CMoEConfig", "CMoEForCausalLM", "CmoeError", "MoEShape", "load_carved", "__version__"]
+__all__ = [
+    "BUDGETS",
+    "CMoEBlock",
+    "CMoEConfig",
+    "CMoEForCausalLM",
+    "Calibration",
+    "CarveOptions",
+    "CarveRecipe",
+    "CmoeError",
+    "Compute",
+    "ConstructionMethod",
+    "GROUPINGS",
+    "MARK_STATISTICS",
+    "METHODS",
+    "MoELayerSpec",
+    "MoEShape",
+    "PRESETS",
+    "REPRESENTATIVES",
+    "ROUTERS",
+    "Router",
+    "RouterKind",
+    "SHARED_BY",
+    "StageTimer",
+    "__version__",
+    "carve",
+    "carve_model",
+    "load_carved",
+    "load_pretrained",
+    "mean_active_neurons",
+    "perplexity_of",
+    "register_router",
+    "run_carve",
+    "run_perplexity",
+    "run_profile",
+]

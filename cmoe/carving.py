@@ -1,223 +1,180 @@
-"""Profiling and carving: the layer loop that moves tensors, around the pure numerics."""
+"""`cmoe profile` and `cmoe carve`: validate every input cheaply, run the pipeline, write atomically."""
 
-import json
+import time
+from pathlib import Path
 
 import torch
-from torch import nn
-from transformers.activations import ACT2FN
 
-from cmoe.artifacts import StageTimer, versions
-from cmoe.blocks import build_block, refit_down_projections, scale_routed_outputs
-from cmoe.budget import allocate_active_experts, selection_errors
-from cmoe.configuration_cmoe import CMoEConfig
-from cmoe.construction import METHODS
-from cmoe.gradients import gradient_importance
-from cmoe.methods import check_partition
-from cmoe.modeling_cmoe import CMoEForCausalLM
-from cmoe.options import CarveOptions
-from cmoe.probe import ProbedMLP
-from cmoe.profile_io import FORMAT, ProfileFile, StreamingSafetensorsWriter, write_layer
-from cmoe.refit import REFIT_RIDGE
-from cmoe.runner import LayerCallback, LayerRunner, decoder_of
-from cmoe.statistics import OPTIONAL_STATISTICS, ActivationStats
+from cmoe.calibration import calibration_windows, load_text, tokenize_text
+from cmoe.io.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions
+from cmoe.io.carved import mean_active_neurons, save_carved
+from cmoe.io.loading import PreparedModel, check_seqlen, load_model, load_tokenizer, prepare_model
+from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
+from cmoe.io.recipe_file import recipe_text
+from cmoe.io.profile_format import FORMAT, ProfileFile, StreamingSafetensorsWriter
+from cmoe.numerics.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS
+from cmoe.pipeline.runner import LayerCallback
+from cmoe.pipeline.sequential import Pipeline, check_stages
+from cmoe.pipeline.stages import Statistics, WriteProfile, as_carved_model, carve_stages
+from cmoe.recipes import Calibration, CarveOptions, CarveRecipe, Compute, check_ka
 
 
-def _activation(model: nn.Module):
-    return ACT2FN[model.config.hidden_act]
+def calibration_tokens(calibration: Calibration, prepared: PreparedModel, timer: StageTimer):
+    """(tokenizer, windows, description) of the calibration data, checked against the model first."""
+    check_seqlen(calibration.seqlen, prepared.config)
+    with timer.stage("calibration_data"):
+        tokenizer = load_tokenizer(prepared.source)
+        text = load_text(calibration.source, split="train")
+        tokens = tokenize_text(text.text, tokenizer)
+        windows = calibration_windows(tokens, calibration.nsamples, calibration.seqlen, calibration.seed)
+    description = {
+        **text.description,
+        "nsamples": calibration.nsamples,
+        "seqlen": calibration.seqlen,
+        "seed": calibration.seed,
+        "text_tokens": int(tokens.numel()),
+        "calibration_tokens": int(windows.numel()),
+    }
+    return tokenizer, windows, description
 
 
-def profile_model(
-    model: nn.Module,
-    windows: torch.Tensor,
-    ka: int,
-    batch_size: int,
-    device: torch.device,
-    writer: StreamingSafetensorsWriter,
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def run_profile(
+    model: str,
+    output: Path,
+    calibration: Calibration,
+    ka: int = 10,
+    compute: Compute = Compute(),
+    overwrite: bool = False,
     on_layer: LayerCallback | None = None,
     statistic: str = "normalized",
-) -> None:
-    """Profile the dense model layer by layer (each layer sees the dense outputs of the previous one).
-
-    Every optional statistic is collected, so that one profile serves every carving option.
-    """
-    runner = LayerRunner(model, windows, batch_size, device)
-    runner.capture()
-    _start(on_layer, len(runner.layers))
-    for index, layer in enumerate(runner.layers):
-        dense = layer.mlp
-        probe = ProbedMLP(dense, ka, _activation(model), statistic=statistic, extras=OPTIONAL_STATISTICS)
-        layer.mlp = probe
-        try:
-            runner.run_layer(index)
-        finally:
-            layer.mlp = dense
-        write_layer(writer, index, probe.stats.to("cpu"))
-        if on_layer:
-            on_layer(index + 1, len(runner.layers))
-
-
-def _start(on_layer: LayerCallback | None, total: int) -> None:
-    if on_layer:
-        on_layer(0, total)
-
-
-def profile_metadata(recipe: dict) -> dict[str, str]:
-    return {"format": FORMAT, "recipe": json.dumps(recipe)}
-
-
-def _carve_layer(
-    dense: nn.Module, stats: ActivationStats, options: CarveOptions, act_name: str, layer: int, importance: torch.Tensor | None = None
-) -> nn.Module:
-    method = METHODS[options.method]
-    partition = method(stats, options, dense=dense, importance=importance, layer=layer)
-    check_partition(partition, stats.num_neurons, method.overlapping)
-    spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router)
-    block = build_block(dense, partition, spec, act_name, stats, seed=options.seed * 1_000_003 + layer)
-    if options.rescale:
-        scale_routed_outputs(block, options.shape.routed / options.shape.active)
-    return block
+) -> dict:
+    """Write a profile of the dense model per layer: mark counts, rates and co-activation of the
+    `statistic`'s top-K_a marks, plus every optional statistic of the quality options."""
+    timer = StageTimer()
+    check_output_path(output, overwrite)
+    MARK_STATISTICS.check(statistic)
+    prepared = prepare_model(model, compute.device, compute.dtype, kind="dense")
+    check_ka(ka, prepared.config.intermediate_size)
+    _, windows, description = calibration_tokens(calibration, prepared, timer)
+    torch.manual_seed(calibration.seed)
+    with timer.stage("load_model"):
+        dense = load_model(prepared.source, prepared.dtype)
+    recipe = {
+        "tool": "cmoe profile",
+        "source_model": prepared.source.description,
+        "num_layers": dense.config.num_hidden_layers,
+        "intermediate_size": dense.config.intermediate_size,
+        "ka": ka,
+        "statistic": statistic,
+        "statistics": ["counts", "rates", "coactivation", *OPTIONAL_STATISTICS],
+        "calibration": description,
+        "device": str(prepared.device),
+        "dtype": _dtype_name(prepared.dtype),
+        "command": command_line(),
+        "versions": versions(),
+    }
+    with atomic_output(output, overwrite) as staging:
+        writer = StreamingSafetensorsWriter(staging.parent)
+        stages = [Statistics(ka, statistic, OPTIONAL_STATISTICS), WriteProfile(writer)]
+        with timer.stage("profile"):
+            Pipeline(dense, stages, windows, compute.batch_size, prepared.device, "dense", StageTimer(), on_layer).run()
+        recipe["timings_s"] = timer.rounded()
+        writer.finish(staging, {"format": FORMAT, "recipe": recipe_text(recipe)})
+    return recipe
 
 
-def carve_sequential(
-    model: nn.Module,
-    windows: torch.Tensor,
+def run_carve(
+    model: str,
+    output: Path,
     options: CarveOptions,
-    batch_size: int,
-    device: torch.device,
-    timer: StageTimer,
+    calibration: Calibration | None,
+    profile: Path | None = None,
+    compute: Compute = Compute(),
+    overwrite: bool = False,
     on_layer: LayerCallback | None = None,
-) -> CMoEForCausalLM:
-    """The reference pipeline: layer l is profiled on the outputs of the already carved layers 0..l-1.
+) -> dict:
+    """Carve the dense model into an MoE and save it atomically with its recipe and model card."""
+    recipe = CarveRecipe(model, options, calibration, None if profile is None else str(profile), compute)
+    return carve(recipe, output, overwrite, on_layer)
 
-    For pre-norm layers (checked once) the carved MLP's output replaces the dense one in the stored
-    layer outputs, so each layer's attention runs once; otherwise the layer is re-run. With the
-    adaptive budget, each layer's output error for every number of active experts is measured on a
-    sample of its calibration tokens, and the active experts are spread over the layers at the end.
-    With `refit_down`, each carved layer's down projections are refitted to its dense outputs (on
-    every calibration token) before the next layer is profiled.
-    """
-    act_name = model.config.hidden_act
-    importance = None
-    if METHODS[options.method].needs_gradients:
-        with timer.stage("gradients"):
-            importance = gradient_importance(model, windows, options.shape.routed, options.seed, batch_size, device)
-    runner = LayerRunner(model, windows, batch_size, device)
-    with timer.stage("capture"):
-        runner.capture()
-        additive = runner.mlp_is_additive(0)
-    adaptive = options.budget == "adaptive"
-    keep_io = additive or adaptive or options.refit_down
-    layer_errors = []
-    _start(on_layer, len(runner.layers))
-    for index, layer in enumerate(runner.layers):
-        dense = layer.mlp
-        probe = ProbedMLP(
-            dense, options.ka, _activation(model), keep_io, options.statistic, options.needed_statistics()
+
+def carve(recipe: CarveRecipe, output: Path, overwrite: bool = False, on_layer: LayerCallback | None = None) -> dict:
+    """Carve as `recipe` says; the returned record (also written to the artifact) holds the replayable
+    recipe under `recipe`, with the model, calibration text and profile as absolute paths."""
+    timer = StageTimer()
+    started = time.perf_counter()
+    options, compute = recipe.options, recipe.compute
+    check_output_path(output, overwrite)
+    profile = None if recipe.profile is None else Path(recipe.profile)
+    check_stages(carve_stages(options, profile, compute.batch_size), has_calibration=recipe.calibration is not None)
+    prepared = prepare_model(recipe.model, compute.device, compute.dtype, kind="dense")
+    dense_config = prepared.config
+    options.check(dense_config.intermediate_size)
+    portable = recipe.with_overrides(
+        model=prepared.source.description,
+        calibration=recipe.calibration.portable() if recipe.calibration else None,
+        profile=str(profile.resolve()) if profile else None,
+    )
+    record = carve_record(options, source_model=prepared.source.description, command=command_line())
+    record.update(device=str(prepared.device), dtype=_dtype_name(prepared.dtype))
+    if dense_config.intermediate_size % options.shape.experts:
+        record["leftover_neurons_in_shared"] = dense_config.intermediate_size % options.shape.experts
+    windows = None
+    if profile is not None:
+        saved = ProfileFile(profile)
+        saved.check_matches(dense_config.num_hidden_layers, dense_config.intermediate_size)
+        saved.check_serves(options.statistic, options.ka, options.needed_statistics())
+        tokenizer = load_tokenizer(prepared.source)
+        record.update(
+            mode="from-profile (dense statistics)", profile=str(profile), calibration=saved.recipe["calibration"]
         )
-        saved_inputs = None if additive else [batch.hidden for batch in runner.batches]
-        layer.mlp = probe
-        try:
-            with timer.stage("profile"):
-                runner.run_layer(index)
-        finally:
-            layer.mlp = dense
-        with timer.stage("group"):
-            layer_importance = None if importance is None else importance[index]
-            block = _carve_layer(dense.to(device), probe.stats, options, act_name, index, layer_importance)
-            dense.to("cpu")
-        refitted = None
-        if options.refit_down:
-            with timer.stage("refit"):
-                refitted = refit_down_projections(block.to(device), probe.inputs, probe.outputs, REFIT_RIDGE)
-        if adaptive:
-            with timer.stage("budget"):
-                residual = [batch.hidden for batch in runner.batches]
-                layer_errors.append(_relative_selection_errors(block.to(device), probe.inputs, probe.outputs, residual))
-        block.to("cpu")
-        with timer.stage("propagate"):
-            if additive and refitted is not None:
-                runner.swap_mlp_outputs(probe.outputs, refitted)
-            elif additive:
-                runner.replace_mlp_outputs(block, probe.inputs, probe.outputs)
-            else:
-                for batch, hidden in zip(runner.batches, saved_inputs):
-                    batch.hidden = hidden
-            layer.mlp = block
-            if not additive:
-                runner.run_layer(index)
-        if on_layer:
-            on_layer(index + 1, len(runner.layers))
-    if adaptive:
-        allocation = allocate_active_experts(torch.stack(layer_errors), len(runner.layers) * options.shape.active)
-        for layer, active in zip(runner.layers, allocation):
-            layer.mlp.top_k = layer.mlp.router.top_k = active
-    return as_carved_model(model, options)
-
-
-SELECTION_SAMPLE_TOKENS = 2048
-
-
-def _sampled_rows(tensors: list[torch.Tensor], limit: int) -> torch.Tensor:
-    """Every stride-th token of the batches (at most about `limit`), as (tokens, features) in fp32."""
-    total = sum(tensor.shape[:-1].numel() for tensor in tensors)
-    stride = max(1, -(-total // limit))
-    return torch.cat([tensor.reshape(-1, tensor.shape[-1])[::stride].float() for tensor in tensors])
+    else:
+        tokenizer, windows, description = calibration_tokens(recipe.calibration, prepared, timer)
+        mode = "sequential (each layer profiled on carved upstream layers)"
+        if options.propagate == "dense":
+            mode = "sequential on dense upstream layers (each layer profiled on the dense model's outputs)"
+        record.update(mode=mode, calibration=description)
+        record.update(
+            nsamples=recipe.calibration.nsamples, seqlen=recipe.calibration.seqlen, seed=recipe.calibration.seed
+        )
+    with timer.stage("load_model"):
+        dense = load_model(prepared.source, prepared.dtype)
+    carved = carve_model(dense, windows, options, compute.batch_size, prepared.device, timer, on_layer, profile)
+    record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
+    record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
+    record["recipe"] = portable.to_dict()
+    with atomic_output(output, overwrite) as staging:
+        with timer.stage("save"):
+            record["timings_s"] = timer.rounded()
+            record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+            save_carved(carved, tokenizer, staging, record)
+    return record
 
 
 @torch.no_grad()
-def _relative_selection_errors(block: nn.Module, inputs: list, outputs: list, residual: list) -> torch.Tensor:
-    """The block's FFN output error for k = 0..R active experts on a token sample, each token's error
-    relative to its residual stream's energy, averaged over tokens.
-
-    Per token because the next layer's RMSNorm sees each token's direction: normalising by the total
-    energy instead lets a few massive-activation tokens (SmolLM2 layer 11 on) hide every other token's
-    error, and starves those layers (held-out wiki.valid, S1A1E8, linear router: 252 vs 397).
-    """
-    device = next(block.parameters()).device
-    x = _sampled_rows(inputs, SELECTION_SAMPLE_TOKENS).to(device)
-    target = _sampled_rows(outputs, SELECTION_SAMPLE_TOKENS).to(device)
-    dtype = next(block.parameters()).dtype
-    shared = block.shared(x.to(dtype)).float() if block.shared is not None else torch.zeros_like(target)
-    experts = torch.stack([expert(x.to(dtype)).float() for expert in block.experts], dim=1)
-    preference = block.router.probabilities(x.to(dtype)) + block.router.bias.float()
-    energy = _sampled_rows(residual, SELECTION_SAMPLE_TOKENS).square().sum(dim=1).clamp_min(1e-12).to(device)
-    return (selection_errors(target, shared, experts, preference, 1.0 / energy) / len(energy)).cpu()
-
-
-def carve_from_profile(
-    model: nn.Module,
-    profile: ProfileFile,
+def carve_model(
+    model: torch.nn.Module,
+    windows: torch.Tensor | None,
     options: CarveOptions,
-    timer: StageTimer,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    timer: StageTimer | None = None,
     on_layer: LayerCallback | None = None,
+    profile: Path | None = None,
 ) -> CMoEForCausalLM:
-    """Carve every layer from a saved profile of the dense model: no calibration pass at all."""
-    layers = decoder_of(model).layers
-    _start(on_layer, len(layers))
-    for index, layer in enumerate(layers):
-        with timer.stage("group"):
-            layer.mlp = _carve_layer(layer.mlp, profile.layer(index), options, model.config.hidden_act, index)
-        if on_layer:
-            on_layer(index + 1, len(layers))
+    """Carve a loaded dense model in place (its MLPs become MoE blocks) on calibration `windows`, or from
+    a saved `profile` (windows None), and return it wrapped in the carved architecture."""
+    stages = carve_stages(options, profile, batch_size)
+    Pipeline(model, stages, windows, batch_size, device, options.propagate, timer, on_layer).run()
     return as_carved_model(model, options)
 
 
-def as_carved_model(dense_model: nn.Module, options: CarveOptions) -> CMoEForCausalLM:
-    """Wrap the dense model's modules (MLPs already replaced) in the carved architecture, sharing weights."""
-    text_config = dense_model.config
-    spec = options.shape.layer_spec(text_config.intermediate_size, options.router)
-    specs = [{**spec, "top_k": layer.mlp.top_k} for layer in decoder_of(dense_model).layers]
-    config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=specs)
-    with torch.device("meta"):
-        carved = CMoEForCausalLM(config)
-    carved.model = dense_model.model
-    carved.lm_head = dense_model.lm_head
-    carved.config.text_config._attn_implementation = dense_model.config._attn_implementation
-    carved.generation_config = dense_model.generation_config
-    return carved.eval()
-
-
-def carve_recipe(options: CarveOptions, **extra) -> dict:
+def carve_record(options: CarveOptions, **extra) -> dict:
+    """The human-readable part of a carve's record: the shape, the resolved options, the versions."""
     return {
         "tool": "cmoe carve",
         "config": options.shape.name,
@@ -225,7 +182,7 @@ def carve_recipe(options: CarveOptions, **extra) -> dict:
         "active_experts": options.shape.active,
         "experts": options.shape.experts,
         "active_fraction": options.shape.active_fraction,
-        **options.as_recipe(),
+        **{name: value for name, value in options.to_dict().items() if name != "config"},
         "versions": versions(),
         **extra,
     }

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import cmoe
-from cmoe.budget import allocate_active_experts, selection_errors
-from cmoe.commands import Calibration, Compute, run_carve
-from cmoe.config import MoEShape
+from cmoe.numerics.budget import allocate_active_experts, selection_errors
+from cmoe import Calibration, Compute, run_carve
+from cmoe.shape import MoEShape
 from cmoe.errors import CmoeError
-from cmoe.options import CarveOptions
+from cmoe.recipes import CarveOptions
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
 

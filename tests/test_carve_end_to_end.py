@@ -1,6 +1,5 @@
 """Carve, save, reload: the artifact reloads everywhere with identical logits, deterministically."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,10 +11,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import cmoe
-from cmoe.options import CarveOptions
-from cmoe.commands import Calibration, Compute, run_carve, run_perplexity, run_profile
-from cmoe.config import MoEShape
-from cmoe.profile_io import ProfileFile
+from cmoe.io.recipe_file import read_recipe
+from cmoe.recipes import CarveOptions
+from cmoe import Calibration, Compute, run_carve, run_perplexity, run_profile
+from cmoe.shape import MoEShape
+from cmoe.io.profile_format import ProfileFile
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID
 
@@ -30,10 +30,18 @@ def carve(model_dir, out, config="S1A2E8", calibration=None, **kwargs):
 def test_carve_save_reload_gives_identical_logits(tiny_model_dir, tmp_path):
     out = tmp_path / "carved"
     recipe = carve(tiny_model_dir, out)
-    for name in ("config.json", "model.safetensors", "modeling_cmoe.py", "configuration_cmoe.py", "cmoe_recipe.json", "README.md", "tokenizer.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_cmoe.py",
+        "configuration_cmoe.py",
+        "cmoe_recipe.yaml",
+        "README.md",
+        "tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob(".carved.partial-*"))
-    saved = json.loads((out / "cmoe_recipe.json").read_text())
+    saved = read_recipe(out)
     assert saved["config"] == "S1A2E8" and saved["calibration"]["nsamples"] == 4 and "group" in saved["timings_s"]
     assert saved["versions"]["torch"] and recipe["seed"] == 0
 
@@ -70,7 +78,7 @@ def test_loads_with_trust_remote_code_without_cmoe(tiny_model_dir, tmp_path):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+        torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
     """)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
@@ -90,12 +98,12 @@ def test_same_seed_same_carve_and_other_seed_differs(tiny_model_dir, tmp_path):
 
 def test_output_is_atomic_and_refuses_to_overwrite(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "carved"
-    import cmoe.commands
+    import cmoe.carving
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cmoe.commands, "save_carved", explode)
+    monkeypatch.setattr(cmoe.carving, "save_carved", explode)
     with pytest.raises(RuntimeError):
         carve(tiny_model_dir, out)
     assert not out.exists() and not list(tmp_path.glob(".carved*"))
@@ -104,7 +112,7 @@ def test_output_is_atomic_and_refuses_to_overwrite(tiny_model_dir, tmp_path, mon
     with pytest.raises(cmoe.CmoeError, match="already exists"):
         carve(tiny_model_dir, out)
     carve(tiny_model_dir, out, config="S2A2E4", overwrite=True)
-    assert json.loads((out / "cmoe_recipe.json").read_text())["config"] == "S2A2E4"
+    assert read_recipe(out)["config"] == "S2A2E4"
 
 
 def test_profile_then_carve_from_profile(tiny_model_dir, tmp_path):
@@ -117,14 +125,16 @@ def test_profile_then_carve_from_profile(tiny_model_dir, tmp_path):
     assert saved.recipe["calibration"]["seqlen"] == 64
     with safe_open(str(profile), "pt") as handle:
         assert torch.allclose(handle.get_tensor("layers.1.rates"), stats.counts.double() / stats.tokens)
-    recipe = run_carve(str(tiny_model_dir), tmp_path / "carved", CarveOptions(MoEShape.parse("S1A2E8")), None, profile, CPU)
+    recipe = run_carve(
+        str(tiny_model_dir), tmp_path / "carved", CarveOptions(MoEShape.parse("S1A2E8")), None, profile, CPU
+    )
     assert recipe["mode"].startswith("from-profile")
     assert cmoe.load_carved(tmp_path / "carved").config.cmoe_layers[0]["num_experts"] == 7
 
 
 def test_profile_memory_does_not_grow_with_calibration_size(tiny_model_dir):
     """The statistics are fixed-size accumulators: 1 batch or 16 batches give the same tensors' sizes."""
-    from cmoe.probe import ProbedMLP
+    from cmoe.pipeline.probe import ProbedMLP
     from transformers.activations import ACT2FN
 
     mlp = AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.layers[0].mlp
@@ -151,11 +161,15 @@ def test_perplexity_runner_matches_a_plain_forward_pass():
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(TINYSTORIES_MODEL)
-    tokens = tokenize_text(load_text(str(TINYSTORIES_VALID), "test").text, AutoTokenizer.from_pretrained(TINYSTORIES_MODEL))
+    tokens = tokenize_text(
+        load_text(str(TINYSTORIES_VALID), "test").text, AutoTokenizer.from_pretrained(TINYSTORIES_MODEL)
+    )
     windows = evaluation_windows(tokens, 128, max_windows=6)
     with torch.no_grad():
         logits = model(windows).logits
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).exp()
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)
+    ).exp()
     result = run_perplexity(str(TINYSTORIES_MODEL), str(TINYSTORIES_VALID), seqlen=128, max_windows=6, compute=CPU)
     assert result.windows == 6 and result.tokens == 6 * 128
     assert result.perplexity == pytest.approx(expected.item(), rel=1e-4)

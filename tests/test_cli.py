@@ -24,7 +24,11 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 def assert_one_line_error(capsys, args, expected: str) -> None:
     code, out, err = run(capsys, *args)
-    lines = [line for line in err.splitlines() if line.strip() and not line.lstrip().startswith(("profile layer", "carve", "eval layer"))]
+    lines = [
+        line
+        for line in err.splitlines()
+        if line.strip() and not line.lstrip().startswith(("profile layer", "carve", "eval layer"))
+    ]
     assert code != 0, err
     assert "Traceback" not in err and "Traceback" not in out
     assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -34,7 +38,9 @@ def assert_one_line_error(capsys, args, expected: str) -> None:
 @pytest.fixture
 def gpt2_dir(tmp_path):
     directory = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(directory)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(
+        directory
+    )
     return directory
 
 
@@ -57,12 +63,21 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
         (["carve", "./missing-model", "-o", "{out}", *CAL], "no such file or directory"),
         (["carve", M, "--config", "S4A5E8", "-o", "{out}", *CAL], "exceeds the number of experts"),
         (["carve", M, "--config", "S1A0E8", "-o", "{out}", *CAL], "active routed experts must be positive"),
-        (["carve", M, "--shared", "1", "--active", "1", "--experts", "0", "-o", "{out}", *CAL], "experts must be positive"),
+        (
+            ["carve", M, "--shared", "1", "--active", "1", "--experts", "0", "-o", "{out}", *CAL],
+            "experts must be positive",
+        ),
         (["carve", M, "--shared", "-1", "--active", "1", "--experts", "8", "-o", "{out}", *CAL], "cannot be negative"),
         (["carve", M, "--config", "S1A1E512", "-o", "{out}", *CAL], "exceed the FFN width (384"),
         (["carve", M, "--config", "S1A1", "-o", "{out}", *CAL], "invalid --config"),
-        (["carve", M, "-o", "{out}", "--data", str(TINYSTORIES_TRAIN), "--seqlen", "4096"], "above the model's maximum of 512"),
-        (["carve", M, "-o", "{out}", "--nsamples", "0", "--data", str(TINYSTORIES_TRAIN), "--seqlen", "64"], "--nsamples 0"),
+        (
+            ["carve", M, "-o", "{out}", "--data", str(TINYSTORIES_TRAIN), "--seqlen", "4096"],
+            "above the model's maximum of 512",
+        ),
+        (
+            ["carve", M, "-o", "{out}", "--nsamples", "0", "--data", str(TINYSTORIES_TRAIN), "--seqlen", "64"],
+            "--nsamples 0",
+        ),
         (["carve", M, "-o", "{out}", "--ka", "0", *CAL], "--ka 0"),
         (["carve", M, "-o", "{out}", "--data", "{tmp}/empty.txt", "--seqlen", "64"], "empty"),
         (["carve", M, "-o", "{out}", "--data", "{tmp}/short.txt", "--seqlen", "64"], "tokens"),
@@ -101,7 +116,9 @@ def test_named_source_offline_without_cache_asks_for_a_local_file(capsys, tmp_pa
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    assert_one_line_error(capsys, ["carve", M, "-o", str(tmp_path / "out"), "--data", "wikitext2", "--seqlen", "64"], "local file")
+    assert_one_line_error(
+        capsys, ["carve", M, "-o", str(tmp_path / "out"), "--data", "wikitext2", "--seqlen", "64"], "local file"
+    )
 
 
 def test_real_process_prints_no_traceback_and_debug_does(tmp_path):
@@ -116,11 +133,27 @@ def test_cli_carve_and_eval_json(capsys, tmp_path):
     out = tmp_path / "carved"
     code, _, err = run(capsys, "carve", M, "--config", "S1A1E4", "-o", str(out), *CAL)
     assert code == 0 and "layer 2/2" in err and "wrote" in err
-    code, stdout, err = run(capsys, "eval", "perplexity", str(out), "--data", str(TINYSTORIES_VALID), "--seqlen", "128", "--max-windows", "3", "--json", "--device", "cpu")
+    code, stdout, err = run(
+        capsys,
+        "eval",
+        "perplexity",
+        str(out),
+        "--data",
+        str(TINYSTORIES_VALID),
+        "--seqlen",
+        "128",
+        "--max-windows",
+        "3",
+        "--json",
+        "--device",
+        "cpu",
+    )
     result = json.loads(stdout)
     assert code == 0 and result["windows"] == 3 and result["tokens"] == 384 and result["seqlen"] == 128
     assert torch.isfinite(torch.tensor(result["perplexity"]))
-    code, stdout, _ = run(capsys, "eval", "perplexity", M, "--data", str(TINYSTORIES_VALID), "--seqlen", "128", "--max-windows", "3")
+    code, stdout, _ = run(
+        capsys, "eval", "perplexity", M, "--data", str(TINYSTORIES_VALID), "--seqlen", "128", "--max-windows", "3"
+    )
     assert code == 0 and "(seqlen 128, 3 windows, 384 tokens)" in stdout
 
 

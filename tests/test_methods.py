@@ -1,7 +1,6 @@
 """LLaMA-MoE's construction methods, the noisy top-k router and --rescale: sizes, coverage, seeds, numerics."""
 
 import gc
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,27 +8,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cmoe.artifacts import StageTimer
-from cmoe.carving import carve_sequential
-from cmoe.commands import Calibration, Compute, run_carve
-from cmoe.config import MoEShape
-from cmoe.construction import METHODS
+from cmoe.io.recipe_file import read_recipe
+from cmoe import carve_model
+from cmoe import Calibration, Compute, run_carve
+from cmoe.shape import MoEShape
+from cmoe.methods import METHODS
 from cmoe.errors import CmoeError
-from cmoe.gradients import gradient_importance, token_groups
-from cmoe.methods import (
-    accumulate_importance,
-    balanced_kmeans_points,
-    check_partition,
-    kmeans_objective,
-    random_split,
-    sharing_counts,
-    sharing_inner_partition,
-    sharing_inter_partition,
-)
-from cmoe.modeling_cmoe import NoisyTopKRouter, cv_squared, finetuned_router_parameters, smooth_load
-from cmoe.options import CarveOptions
-from cmoe.partition import Partition
-from cmoe.statistics import ActivationStats
+from cmoe.pipeline.gradients import gradient_importance, token_groups
+from cmoe.methods.sharing_inner import sharing_inner_partition
+from cmoe.methods.sharing_inter import sharing_inter_partition
+from cmoe.numerics.assignment import balanced_kmeans_points
+from cmoe.numerics.grouping import check_partition, random_split
+from cmoe.numerics.importance import accumulate_importance, sharing_counts
+from cmoe.modeling.modeling_cmoe import NoisyTopKRouter, cv_squared, finetuned_router_parameters, smooth_load
+from cmoe.recipes import CarveOptions
+from cmoe.numerics.grouping import Partition
+from cmoe.numerics.statistics import ActivationStats
 from test_cli import assert_one_line_error
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, tiny_llama
@@ -43,6 +37,14 @@ def stats_of(num_neurons: int) -> ActivationStats:
     stats.counts = torch.arange(num_neurons)
     stats.coactivation = torch.diag(torch.arange(num_neurons))
     return stats
+
+
+def kmeans_objective(points: torch.Tensor, labels: torch.Tensor) -> float:
+    """Sum of squared distances of the points to the mean of their cluster: what k-means minimises."""
+    points = points.double()
+    return sum(
+        float((points[labels == label] - points[labels == label].mean(0)).square().sum()) for label in labels.unique()
+    )
 
 
 def test_random_split_covers_every_neuron_once_and_is_reproducible_by_seed():
@@ -134,11 +136,14 @@ def carve_tiny(method: str, config: str, **options):
     carve_options.check(50)
     with torch.no_grad():
         reference = model(windows).logits
-        carved = carve_sequential(model, windows, carve_options, 2, torch.device("cpu"), StageTimer())
+        carved = carve_model(model, windows, carve_options, 2)
     return carved, reference, windows
 
 
-@pytest.mark.parametrize("method,config", [("random", "S0A2E4"), ("clustering", "S0A2E4"), ("sharing-inter", "S1A1E4"), ("sharing-inter", "S0A1E4")])
+@pytest.mark.parametrize(
+    "method,config",
+    [("random", "S0A2E4"), ("clustering", "S0A2E4"), ("sharing-inter", "S1A1E4"), ("sharing-inter", "S0A1E4")],
+)
 def test_disjoint_methods_hold_every_neuron_once_so_all_experts_on_is_the_dense_model(method, config):
     carved, reference, windows = carve_tiny(method, config)
     spec = carved.config.cmoe_layers[0]
@@ -156,9 +161,12 @@ def test_disjoint_methods_on_real_weights_with_every_expert_on_give_the_dense_mo
     options = CarveOptions(MoEShape.parse("S0A2E8"), method=method)
     with torch.no_grad():
         reference = model(windows).logits
-        carved = carve_sequential(model, windows, options, 2, torch.device("cpu"), StageTimer())
+        carved = carve_model(model, windows, options, 2)
         for layer in carved.model.layers:
-            assert layer.mlp.shared is None and [expert.up_proj.weight.shape[0] for expert in layer.mlp.experts] == [48] * 8
+            assert (
+                layer.mlp.shared is None
+                and [expert.up_proj.weight.shape[0] for expert in layer.mlp.experts] == [48] * 8
+            )
             layer.mlp.top_k = layer.mlp.router.top_k = 8
         torch.testing.assert_close(carved(windows).logits, reference, rtol=1e-4, atol=1e-4)
 
@@ -168,7 +176,7 @@ def test_sharing_inner_builds_equal_overlapping_experts_on_real_weights():
     windows = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     options = CarveOptions(MoEShape.parse("S0A2E8"), method="sharing-inner")
     with torch.no_grad():
-        carved = carve_sequential(model, windows, options, 2, torch.device("cpu"), StageTimer())
+        carved = carve_model(model, windows, options, 2)
     for layer in carved.model.layers:
         assert layer.mlp.shared is None and len(layer.mlp.experts) == 8
         assert all(expert.up_proj.weight.shape == (48, 128) for expert in layer.mlp.experts)
@@ -199,7 +207,9 @@ def test_registry_declares_what_each_method_needs():
     with pytest.raises(CmoeError, match="not with --budget adaptive"):
         CarveOptions(MoEShape.parse("S1A1E8"), rescale=True, budget="adaptive").check(64)
     with pytest.raises(ValueError):
-        check_partition(Partition(torch.tensor([0]), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 2])), 4, overlapping=False)
+        check_partition(
+            Partition(torch.tensor([0]), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 2])), 4, overlapping=False
+        )
 
 
 def skewed_router() -> tuple[NoisyTopKRouter, torch.Tensor]:
@@ -267,12 +277,18 @@ def test_noisy_topk_in_eval_mode_is_deterministic_softmax_over_the_selected():
 def noisy_carved(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("noisy") / "S0A2E4"
     options = CarveOptions(MoEShape.parse("S0A2E4"), method="random", router="noisy-topk", rescale=True)
-    run_carve(str(TINYSTORIES_MODEL), out, options, Calibration(str(TINYSTORIES_TRAIN), nsamples=2, seqlen=64), compute=Compute("cpu", "float32", 2))
+    run_carve(
+        str(TINYSTORIES_MODEL),
+        out,
+        options,
+        Calibration(str(TINYSTORIES_TRAIN), nsamples=2, seqlen=64),
+        compute=Compute("cpu", "float32", 2),
+    )
     return out
 
 
 def test_noisy_carve_records_its_recipe_and_reloads(noisy_carved):
-    recipe = json.loads((noisy_carved / "cmoe_recipe.json").read_text())
+    recipe = read_recipe(noisy_carved)
     assert recipe["method"] == "random" and recipe["router"] == "noisy-topk" and recipe["rescale"] is True
     model = AutoModelForCausalLM.from_pretrained(noisy_carved).eval()
     router = model.model.layers[0].mlp.router
@@ -289,7 +305,11 @@ def test_finetune_collects_the_noisy_balance_loss_with_a_gradient_to_the_gate(no
     model = AutoModelForCausalLM.from_pretrained(noisy_carved).train()
     meter = RoutingMeter(model)
     meter.active = True
-    model(input_ids=torch.randint(0, model.config.text_config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)))
+    model(
+        input_ids=torch.randint(
+            0, model.config.text_config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)
+        )
+    )
     balance_loss = meter.take_balance_loss()
     balance_loss.backward()
     assert balance_loss > 0
@@ -308,7 +328,7 @@ def test_lora_finetune_trains_the_noisy_gate_and_noise_but_not_the_analytic_rows
     assert not torch.allclose(before.gate.weight, after.gate.weight)
     assert torch.count_nonzero(after.noise.weight) > 0
     analytic = AutoModelForCausalLM.from_pretrained(TINYSTORIES_MODEL)
-    carved = carve_sequential(analytic, torch.randint(0, 97, (2, 32)), CarveOptions(MoEShape.parse("S1A1E4")), 2, torch.device("cpu"), StageTimer())
+    carved = carve_model(analytic, torch.randint(0, 97, (2, 32)), CarveOptions(MoEShape.parse("S1A1E4")), 2)
     names = {id(parameter) for parameter in finetuned_router_parameters(carved)}
     assert {name for name, parameter in carved.named_parameters() if id(parameter) in names} == {
         f"model.layers.{index}.mlp.router.scale" for index in range(len(carved.model.layers))
@@ -322,7 +342,10 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--method", "magic"], "--method magic: expected one of cmoe, random, clustering, sharing-inner, sharing-inter"),
+        (
+            ["--method", "magic"],
+            "--method magic: expected one of cmoe, random, clustering, sharing-inner, sharing-inter",
+        ),
         (["--router", "magic"], "--router magic: expected one of analytic, linear, noisy-topk"),
         (["--method", "random", "--config", "S1A1E8"], "--method random builds no shared expert: use S0"),
         (["--method", "sharing-inner", "--config", "S0A2E8", "--profile", "{out}.profile"], "needs a gradient pass"),
@@ -338,4 +361,4 @@ def test_bad_method_options_give_one_line(capsys, tmp_path, args, expected):
 
 def test_options_replace_keeps_method_fields():
     options = replace(CarveOptions(MoEShape.parse("S0A2E8")), method="clustering", seed=3)
-    assert options.as_recipe()["method"] == "clustering" and options.as_recipe()["seed"] == 3
+    assert options.to_dict()["method"] == "clustering" and options.to_dict()["seed"] == 3

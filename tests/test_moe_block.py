@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from cmoe.blocks import build_block
-from cmoe.config import MoEShape
-from cmoe.partition import cmoe_partition
-from cmoe.statistics import ActivationStats
+from cmoe.pipeline.blocks import build_block
+from cmoe.shape import MoEShape
+from cmoe.methods.cmoe import cmoe_partition
+from cmoe.numerics.statistics import ActivationStats
 
 from conftest import tiny_llama
 

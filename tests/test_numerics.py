@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmoe.config import MoEShape
-from cmoe.construction import analytic_router_weights
+from cmoe.shape import MoEShape
+from cmoe.routers.analytic import analytic_router_weights
 from cmoe.errors import CmoeError
-from cmoe.modeling_cmoe import AnalyticRouter
-from cmoe.partition import Partition, balanced_assignment, cmoe_partition, hamming_to_seeds, nearest_to_centroid
-from cmoe.statistics import ActivationStats, coactivation_counts, normalized_swiglu_state, top_k_marks
+from cmoe.modeling.modeling_cmoe import AnalyticRouter
+from cmoe.methods.cmoe import cmoe_partition
+from cmoe.numerics.assignment import balanced_assignment
+from cmoe.numerics.grouping import Partition, hamming_to_seeds, nearest_to_centroid
+from cmoe.numerics.statistics import ActivationStats, coactivation_counts, normalized_swiglu_state, top_k_marks
 
 # Six tokens, six neurons, K_a = 2: the marked neurons of each token.
 HAND_MARKS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 4], [2, 5], [0, 4]])
@@ -46,8 +48,10 @@ def test_coactivation_sparse_and_dense_paths_equal_explicit_product():
     explicit.scatter_(1, marks, 1.0)
     expected = (explicit.T @ explicit).long()
     assert torch.equal(coactivation_counts(marks, 12), expected)  # 25 > 12: dense path
-    assert torch.equal(coactivation_counts(marks[:, :3], 12), (lambda a: (a.T @ a).long())(
-        torch.zeros(40, 12).scatter_(1, marks[:, :3], 1.0)))  # 9 <= 12: bincount path
+    assert torch.equal(
+        coactivation_counts(marks[:, :3], 12),
+        (lambda a: (a.T @ a).long())(torch.zeros(40, 12).scatter_(1, marks[:, :3], 1.0)),
+    )  # 9 <= 12: bincount path
 
 
 def test_streaming_batches_equal_one_pass():
@@ -133,7 +137,9 @@ def test_analytic_router_by_hand():
     partition = Partition(torch.tensor([0, 1]), torch.tensor([[2], [3]]), torch.tensor([2, 3]))
     router = AnalyticRouter(hidden_size=2, num_experts=2, top_k=1, hidden_act="silu")
     dense = LlamaMLPStandIn(w_gate, w_up)
-    router.load_state_dict({**analytic_router_weights(dense, partition, None), "scale": torch.zeros(2), "bias": torch.zeros(2)})
+    router.load_state_dict(
+        {**analytic_router_weights(dense, partition, None), "scale": torch.zeros(2), "bias": torch.zeros(2)}
+    )
     silu = lambda v: v / (1 + math.exp(-v))  # noqa: E731
     s0, s1 = silu(1.4), silu(1.0)
     p0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))
@@ -150,8 +156,16 @@ def test_analytic_router_by_hand():
 
 @pytest.mark.parametrize(
     "text,error",
-    [("S3A3E8", None), ("s1a1e8", None), ("S0A2E8", None), ("S4A5E8", "exceeds"), ("S1A0E8", "active"),
-     ("S0A0E0", "experts must be positive"), ("3-3-8", "expected S"), ("S-1A1E8", "expected S")],
+    [
+        ("S3A3E8", None),
+        ("s1a1e8", None),
+        ("S0A2E8", None),
+        ("S4A5E8", "exceeds"),
+        ("S1A0E8", "active"),
+        ("S0A0E0", "experts must be positive"),
+        ("3-3-8", "expected S"),
+        ("S-1A1E8", "expected S"),
+    ],
 )
 def test_shape_parsing_and_validation(text, error):
     if error is None:
@@ -168,4 +182,10 @@ def test_shape_cannot_exceed_ffn_width():
 
 def test_layer_spec_puts_leftovers_in_shared():
     spec = MoEShape.parse("S1A1E8").layer_spec(50, "analytic")
-    assert spec == {"shared_size": 6 + 2, "num_experts": 7, "expert_size": 6, "top_k": 1, "router": "analytic"}
+    assert spec.to_dict() == {
+        "shared_size": 6 + 2,
+        "num_experts": 7,
+        "expert_size": 6,
+        "top_k": 1,
+        "router": "analytic",
+    }

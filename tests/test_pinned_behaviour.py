@@ -13,11 +13,23 @@ import torch
 from safetensors import safe_open
 
 from cmoe.cli.main import main
+from cmoe.io.recipe_file import read_recipe
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID
 
 PINNED = json.loads((Path(__file__).parent / "pinned" / "behaviour.json").read_text())
-CALIBRATION = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "4", "--seqlen", "128", "--device", "cpu", "--batch-size", "2"]
+CALIBRATION = [
+    "--data",
+    str(TINYSTORIES_TRAIN),
+    "--nsamples",
+    "4",
+    "--seqlen",
+    "128",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "2",
+]
 EVALUATION = ["--data", str(TINYSTORIES_VALID), "--seqlen", "128", "--max-windows", "8", "--device", "cpu", "--json"]
 CARVES = {
     "S3A3E8-reference": ["--config", "S3A3E8"],
@@ -48,7 +60,11 @@ def tensor_summary(tensor: torch.Tensor) -> dict:
     if not tensor.is_floating_point():
         return {"sha256": hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()}
     flat = tensor.double().reshape(-1)
-    return {"sum": float(flat.sum()), "norm": float(flat.norm()), "sample": flat[:: max(1, flat.numel() // 32)].tolist()}
+    return {
+        "sum": float(flat.sum()),
+        "norm": float(flat.norm()),
+        "sample": flat[:: max(1, flat.numel() // 32)].tolist(),
+    }
 
 
 def profile_summary(path: Path) -> dict:
@@ -57,8 +73,7 @@ def profile_summary(path: Path) -> dict:
 
 
 def loss_curve(directory: Path) -> list[float]:
-    recipe = json.loads((directory / "cmoe_recipe.json").read_text())
-    return [point["loss"] for point in recipe["finetune"]["loss_curve"]]
+    return [point["loss"] for point in read_recipe(directory)["finetune"]["loss_curve"]]
 
 
 def test_dense_perplexity_is_pinned(capsys):
@@ -89,6 +104,25 @@ def test_finetune_loss_curve_is_pinned(capsys, tmp_path):
     carved = tmp_path / "carved"
     cli(capsys, "carve", str(TINYSTORIES_MODEL), "-o", str(carved), "--config", "S1A1E4", *CALIBRATION)
     tuned = tmp_path / "tuned"
-    cli(capsys, "finetune", str(carved), "-o", str(tuned), "--data", str(TINYSTORIES_TRAIN), "--nsamples", "8",
-        "--seqlen", "64", "--batch-size", "2", "--lr", "2e-3", "--checkpoint-every", "0", "--device", "cpu")
+    cli(
+        capsys,
+        "finetune",
+        str(carved),
+        "-o",
+        str(tuned),
+        "--data",
+        str(TINYSTORIES_TRAIN),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+        "--batch-size",
+        "2",
+        "--lr",
+        "2e-3",
+        "--checkpoint-every",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert loss_curve(tuned) == pytest.approx(PINNED["finetune_loss_curve"], rel=1e-5)

@@ -7,15 +7,17 @@ import torch
 import torch.nn.functional as F
 
 import cmoe
-from cmoe.blocks import build_block
-from cmoe.commands import Calibration, Compute, run_carve, run_profile
-from cmoe.config import MoEShape
-from cmoe.construction import fit_linear_router
+from cmoe.pipeline.blocks import build_block
+from cmoe import Calibration, Compute, run_carve, run_profile
+from cmoe.shape import MoEShape
+from cmoe.numerics.router_fit import fit_linear_router
 from cmoe.errors import CmoeError
-from cmoe.options import CarveOptions, with_preset
-from cmoe.partition import balanced_kmeans, cmoe_partition, cosine_similarities, most_active_member
-from cmoe.probe import ProbedMLP
-from cmoe.statistics import OPTIONAL_STATISTICS, ActivationStats, mark_statistic, output_contribution
+from cmoe.recipes import CarveOptions
+from cmoe.methods.cmoe import cmoe_partition
+from cmoe.numerics.assignment import balanced_kmeans
+from cmoe.numerics.grouping import cosine_similarities, most_active_member
+from cmoe.pipeline.probe import ProbedMLP
+from cmoe.numerics.statistics import OPTIONAL_STATISTICS, ActivationStats, mark_statistic, output_contribution
 
 from conftest import TINYSTORIES_TRAIN, tiny_llama
 
@@ -109,18 +111,20 @@ def test_linear_router_fit_recovers_an_exact_linear_target():
     contribution = torch.stack([x[:, 0] + 1.0, 2 * x[:, 1], -x[:, 2] + 0.5], dim=1)
     stats = ActivationStats.empty(3, extras=("input_gram", "input_target", "contribution_sum"), hidden_size=3)
     stats.update(torch.zeros(500, 1, dtype=torch.long), contribution, x)
-    weight, intercept = fit_linear_router(stats.input_gram, stats.input_target, torch.tensor([[0, 2], [1, 1]]), ridge=0.0)
+    weight, intercept = fit_linear_router(
+        stats.input_gram, stats.input_target, torch.tensor([[0, 2], [1, 1]]), ridge=0.0
+    )
     assert torch.allclose(weight, torch.tensor([[1.0, 0.0, -1.0], [0.0, 4.0, 0.0]], dtype=torch.float64), atol=1e-6)
     assert torch.allclose(intercept, torch.tensor([1.5, 0.0], dtype=torch.float64), atol=1e-6)
 
 
 def _quality_block(config: str, d_h: int = 48):
     mlp = tiny_llama(seed=0, intermediate_size=d_h).model.layers[0].mlp
-    options = with_preset(CarveOptions(MoEShape.parse(config)), "quality")
+    options = CarveOptions.resolved(MoEShape.parse(config), "quality")
     probe = ProbedMLP(mlp, 4, F.silu, statistic=options.statistic, extras=options.needed_statistics())
     with torch.no_grad():
         probe(torch.randn(4, 30, 32))
-    partition = cmoe.construction.METHODS["cmoe"](probe.stats, options)
+    partition = cmoe.METHODS["cmoe"](probe.stats, options)
     spec = options.shape.layer_spec(d_h, options.router)
     return mlp, build_block(mlp, partition, spec, "silu", probe.stats), partition
 
@@ -145,7 +149,7 @@ def test_linear_router_picks_the_expert_with_the_largest_predicted_contribution(
 
 def test_quality_preset_carves_reloads_and_from_profile_checks_options(tiny_model_dir, tmp_path):
     calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
-    options = with_preset(CarveOptions(MoEShape.parse("S1A2E8")), "quality")
+    options = CarveOptions.resolved(MoEShape.parse("S1A2E8"), "quality")
     recipe = run_carve(str(tiny_model_dir), tmp_path / "seq", options, calibration, compute=CPU)
     assert recipe["preset"] == "quality" and recipe["router"] == "linear" and recipe["refit_down"] is True
     assert recipe["budget"] == "uniform" and recipe["active_experts_per_layer"] == [2, 2]

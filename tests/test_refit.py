@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import cmoe
-from cmoe.blocks import down_projections, refit_down_projections, routed_pieces
-from cmoe.commands import Calibration, Compute, run_carve
-from cmoe.config import MoEShape
+from cmoe.pipeline.blocks import down_projections, refit_down_projections, routed_pieces
+from cmoe import Calibration, Compute, run_carve
+from cmoe.shape import MoEShape
 from cmoe.errors import CmoeError
-from cmoe.modeling_cmoe import CMoEBlock
-from cmoe.options import CarveOptions
-from cmoe.refit import Piece, accumulate_normal_equations, solve_down_projection, symmetric_from_upper
+from cmoe.modeling.configuration_cmoe import MoELayerSpec
+from cmoe.modeling.modeling_cmoe import CMoEBlock
+from cmoe.recipes import CarveOptions
+from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection, symmetric_from_upper
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
 
@@ -41,7 +42,7 @@ def test_solve_recovers_exact_weights_and_large_ridge_keeps_the_initial_ones():
 
 def _random_block(spec: dict) -> CMoEBlock:
     torch.manual_seed(1)
-    block = CMoEBlock(10, "silu", {"router": "linear", **spec})
+    block = CMoEBlock(10, "silu", MoELayerSpec(**{"router": "linear", **spec}))
     with torch.no_grad():
         for parameter in block.parameters():
             parameter.normal_()
@@ -92,7 +93,7 @@ def test_refit_leaves_a_block_that_already_matches_its_targets_unchanged():
 def test_carve_with_refit_lowers_calibration_loss_and_reloads(tmp_path):
     calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
     from cmoe.calibration import calibration_windows, load_text, tokenize_text
-    from cmoe.loading import load_tokenizer, resolve_source
+    from cmoe.io.loading import load_tokenizer, resolve_source
 
     tokenizer = load_tokenizer(resolve_source(str(TINYSTORIES_MODEL)))
     windows = calibration_windows(tokenize_text(load_text(str(TINYSTORIES_TRAIN), "train").text, tokenizer), 4, 64, 0)

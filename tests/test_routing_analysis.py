@@ -7,10 +7,11 @@ import matplotlib.image
 import pytest
 import torch
 
-from cmoe.commands import Calibration, Compute, run_carve
-from cmoe.config import MoEShape
-from cmoe.options import CarveOptions
-from cmoe.routing_analysis import balance_figures, distance_matrix, parse_sources, routing_distributions, run_routing_eval
+from cmoe import Calibration, Compute, run_carve
+from cmoe.shape import MoEShape
+from cmoe.recipes import CarveOptions
+from cmoe.eval.routing import parse_sources, run_routing_eval
+from cmoe.numerics.routing_stats import balance_figures, distance_matrix, routing_distributions
 from test_cli import assert_one_line_error, run
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID, WIKI_VALID
@@ -45,7 +46,13 @@ def test_source_specs_are_checked():
 def carved(tmp_path_factory):
     out = tmp_path_factory.mktemp("routing") / "S1A2E8"
     options = CarveOptions(MoEShape.parse("S1A2E8"))
-    run_carve(str(TINYSTORIES_MODEL), out, options, Calibration(str(TINYSTORIES_TRAIN), nsamples=2, seqlen=64), compute=Compute("cpu", "float32", 2))
+    run_carve(
+        str(TINYSTORIES_MODEL),
+        out,
+        options,
+        Calibration(str(TINYSTORIES_TRAIN), nsamples=2, seqlen=64),
+        compute=Compute("cpu", "float32", 2),
+    )
     return out
 
 
@@ -53,7 +60,9 @@ def carved(tmp_path_factory):
 def analysis(carved, tmp_path_factory):
     out = tmp_path_factory.mktemp("routing") / "analysis"
     data = [f"stories={TINYSTORIES_VALID}", f"wiki={WIKI_VALID}"]
-    report = run_routing_eval(str(carved), data, out, seqlen=64, max_windows=3, device="cpu", dtype="float32", batch_size=2)
+    report = run_routing_eval(
+        str(carved), data, out, seqlen=64, max_windows=3, device="cpu", dtype="float32", batch_size=2
+    )
     return out, report
 
 
@@ -66,7 +75,9 @@ def test_counts_sum_to_tokens_times_k_in_every_layer(analysis):
         assert tokens == 3 * 64
         assert [sum(row) for row in source["counts"]] == [tokens * 2, tokens * 2]
         assert all(len(row) == 7 for row in source["counts"])
-        assert all(0 <= figures["normalized_entropy"] <= 1 and figures["max_over_mean"] >= 1 for figures in source["balance"])
+        assert all(
+            0 <= figures["normalized_entropy"] <= 1 and figures["max_over_mean"] >= 1 for figures in source["balance"]
+        )
     distances = torch.tensor(saved["distances"])
     assert saved["distance_layer"] == 1 and distances.shape == (2, 2) and distances[0, 1] > 0
 
@@ -82,15 +93,43 @@ def test_every_figure_is_a_real_image(analysis):
 
 def test_cli_writes_the_analysis_and_checks_its_inputs(carved, tmp_path, capsys):
     out = tmp_path / "cli"
-    code, _, err = run(capsys, "eval", "routing", str(carved), "--data", f"stories={TINYSTORIES_VALID}", "-o", str(out),
-                       "--seqlen", "32", "--max-windows", "1", "--layer", "0", "--device", "cpu")
+    code, _, err = run(
+        capsys,
+        "eval",
+        "routing",
+        str(carved),
+        "--data",
+        f"stories={TINYSTORIES_VALID}",
+        "-o",
+        str(out),
+        "--seqlen",
+        "32",
+        "--max-windows",
+        "1",
+        "--layer",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert json.loads((out / "routing.json").read_text())["distance_layer"] == 0
     assert (out / "distances_layer0.png").exists()
     base = ["eval", "routing", str(carved), "-o", str(tmp_path / "bad"), "--device", "cpu"]
     assert_one_line_error(capsys, [*base, "--data", "stories"], "--data stories: expected NAME=SOURCE")
-    assert_one_line_error(capsys, [*base, "--data", f"s={TINYSTORIES_VALID}", "--layer", "5"], "--layer 5: expected a carved layer (0..1)")
-    assert_one_line_error(capsys, ["eval", "routing", str(TINYSTORIES_MODEL), "-o", str(tmp_path / "bad"), "--data", f"s={TINYSTORIES_VALID}"], "not a carved model")
-    assert_one_line_error(capsys, [*base, "--data", f"s={TINYSTORIES_VALID}", "--seqlen", "100000"], "fewer than one window")
-    assert_one_line_error(capsys, [*base, "-o", str(out), "--data", f"s={TINYSTORIES_VALID}"], str(out))
+    assert_one_line_error(
+        capsys,
+        [*base, "--data", f"s={TINYSTORIES_VALID}", "--seqlen", "32", "--layer", "5"],
+        "--layer 5: expected a carved layer (0..1)",
+    )
+    assert_one_line_error(
+        capsys,
+        ["eval", "routing", str(TINYSTORIES_MODEL), "-o", str(tmp_path / "bad"), "--data", f"s={TINYSTORIES_VALID}"],
+        "not a carved model",
+    )
+    assert_one_line_error(
+        capsys, [*base, "--data", f"s={TINYSTORIES_VALID}", "--seqlen", "100000"], "above the model's maximum of 512"
+    )
+    assert_one_line_error(
+        capsys, [*base, "-o", str(out), "--data", f"s={TINYSTORIES_VALID}", "--seqlen", "32"], str(out)
+    )
     assert not (tmp_path / "bad").exists()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import cmoe
-from cmoe.options import CarveOptions
-from cmoe.commands import Calibration, Compute, run_carve, run_perplexity
-from cmoe.config import MoEShape
+from cmoe.recipes import CarveOptions
+from cmoe import Calibration, Compute, run_carve, run_perplexity
+from cmoe.shape import MoEShape
 
 from conftest import WIKI_VALID
 
@@ -28,7 +28,11 @@ def test_smollm2_carve_reload_and_evaluate(smollm2_gguf, tmp_path):
     compute = Compute(device="cpu", dtype="float32", batch_size=2)
     out = tmp_path / "smollm2-S1A1E8"
     recipe = run_carve(
-        str(smollm2_gguf), out, CarveOptions(MoEShape.parse("S1A1E8")), Calibration(str(WIKI_VALID), 2, 256, 0), compute=compute
+        str(smollm2_gguf),
+        out,
+        CarveOptions(MoEShape.parse("S1A1E8")),
+        Calibration(str(WIKI_VALID), 2, 256, 0),
+        compute=compute,
     )
     assert recipe["source_model"].endswith(".gguf")
     model = cmoe.load_carved(out)

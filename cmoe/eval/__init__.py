@@ -1,0 +1,1 @@
+"""Evaluation of dense and carved models: perplexity (GPTQ protocol) and routing analysis."""

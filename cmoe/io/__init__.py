@@ -1,0 +1,1 @@
+"""Files in and out: model loading, atomic artifacts, the profile format, carved directories, recipe files."""

@@ -1,0 +1,131 @@
+"""Saving and reloading carved models: a Hugging Face directory with its own modeling code."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cmoe.errors import CmoeError
+from cmoe.io.recipe_file import RECIPE_FILE, write_recipe
+from cmoe.modeling import configuration_cmoe, modeling_cmoe
+from cmoe.routers import ROUTERS
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_cmoe.CMoEConfig",
+    "AutoModelForCausalLM": "modeling_cmoe.CMoEForCausalLM",
+}
+
+
+def without_gguf_quantization(config):
+    """Drop the `quantization_config` a carved config's text config inherits from a GGUF source: carved
+    weights are plain tensors, and transformers would attach a GGUF quantizer that refuses to save them."""
+    text_config = getattr(config, "text_config", None)
+    quantization = getattr(text_config, "quantization_config", None)
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    if str(getattr(method, "value", method)) == "gguf":
+        delattr(text_config, "quantization_config")
+    return config
+
+
+def carved_config(path: str | Path):
+    """A carved model's config, ready for `from_pretrained(path, config=...)` (see without_gguf_quantization)."""
+    return without_gguf_quantization(AutoConfig.from_pretrained(path))
+
+
+def save_carved(model: nn.Module, tokenizer, directory: Path, recipe: dict) -> None:
+    """Weights (safetensors), config with auto_map, modeling code, tokenizer, recipe and model card."""
+    directory.mkdir(parents=True)
+    without_gguf_quantization(model.config)
+    model.config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    for module in (configuration_cmoe, modeling_cmoe):
+        shutil.copy(module.__file__, directory / Path(module.__file__).name)
+    write_recipe(directory, recipe)
+    (directory / "README.md").write_text(model_card(model, recipe))
+
+
+def load_carved(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Reload a carved model in one call: `model = cmoe.load_carved("out/S3A3E8")`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CmoeError(f"{path}: not a model directory (no config.json)")
+    config = carved_config(path)
+    if getattr(config, "model_type", "") != "cmoe":
+        raise CmoeError(f"{path}: not a carved model (model_type {config.model_type!r})")
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto")
+    return model.to(device).eval()
+
+
+def mean_active_neurons(config) -> float:
+    """FFN neurons computed per token, averaged over layers (a dense layer computes all of them)."""
+    widths = [spec.active_neurons if spec else config.text_config.intermediate_size for spec in config.layer_specs]
+    return sum(widths) / len(widths)
+
+
+def model_card(model: nn.Module, recipe: dict) -> str:
+    text_config = model.config.text_config
+    spec = next(spec for spec in model.config.layer_specs if spec)
+    dense_ffn = text_config.intermediate_size
+    active = mean_active_neurons(model.config)
+    per_layer = ", ".join(str(layer.top_k) if layer else "dense" for layer in model.config.layer_specs)
+    calibration = recipe.get("calibration") or {}
+    timings = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in recipe.get("timings_s", {}).items())
+    shape = (
+        f"{recipe.get('config')} (shared {recipe.get('shared_experts')}, active routed {recipe.get('active_experts')}, "
+        f"experts {recipe.get('experts')})"
+    )
+    widths = (
+        f"{dense_ffn} dense; shared block {spec.shared_size}, {spec.num_experts} routed experts of {spec.expert_size}"
+    )
+    method = recipe.get("method", "cmoe")
+    if recipe.get("rescale"):
+        method += ", routed outputs rescaled by n/k"
+    if recipe.get("refit_down"):
+        method += ", down projections refitted by least squares on the calibration tokens"
+    router = "training-free" if ROUTERS[spec.router].training_free else "random start: train it with `cmoe finetune`"
+    source = calibration.get("source", calibration.get("path", "profile"))
+    windows = f"{recipe.get('nsamples', '-')} windows of {recipe.get('seqlen', '-')} tokens, seed {recipe.get('seed')}"
+    return f"""---
+library_name: transformers
+tags: [cmoe, mixture-of-experts, carved]
+---
+# {recipe.get("config", "CMoE")} carved from {recipe.get("source_model", "a dense model")}
+
+A Mixture-of-Experts model carved without training by cmoe (CMoE, Pei et al. 2025,
+arXiv 2502.04416) from the dense `{text_config.model_type}` model `{recipe.get("source_model")}`.
+
+| | |
+|---|---|
+| configuration | {shape} |
+| FFN neurons per layer | {widths} |
+| active FFN neurons per token | {active:g} of {dense_ffn} ({active / dense_ffn:.1%}), mean over layers |
+| active routed experts per layer | {per_layer} (budget {recipe.get("budget", "uniform")}) |
+| construction method | {method} |
+| router | {spec.router} ({router}) |
+| K_a | {recipe.get("ka")} |
+| calibration | {source}: {windows} |
+| mode | {recipe.get("mode")} |
+
+## Load
+```python
+import cmoe  # registers the architecture; without cmoe pass trust_remote_code=True instead
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+
+## Timings (seconds)
+| stage | seconds |
+|---|---|
+{timings}
+
+The full recipe (resolved options, versions, calibration data, timings) is in `{RECIPE_FILE}`.
+"""

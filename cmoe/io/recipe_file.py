@@ -1,0 +1,48 @@
+"""The recipe file every artifact carries (`cmoe_recipe.yaml`): what was done, with what, and how long.
+
+Its top level is the carve's record (source model, options, calibration description, versions, timings,
+per-layer results) with the replayable typed recipe under `recipe`; a fine-tuned model adds the same
+under `finetune` (its replayable recipe at `finetune.recipe`).
+"""
+
+from pathlib import Path
+
+import yaml
+
+from cmoe.errors import CmoeError
+
+RECIPE_FILE = "cmoe_recipe.yaml"
+
+
+def recipe_text(record: dict) -> str:
+    """The record as YAML (for files, and for the header of a profile)."""
+    return yaml.safe_dump(_plain(record), sort_keys=False, allow_unicode=True, width=120)
+
+
+def write_recipe(directory: Path, record: dict) -> None:
+    (directory / RECIPE_FILE).write_text(recipe_text(record))
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The record in a recipe file, or in the recipe file of an artifact directory."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / RECIPE_FILE
+    if not path.is_file():
+        raise CmoeError(f"{path}: no such recipe file")
+    try:
+        record = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise CmoeError(f"{path}: not a readable YAML recipe ({type(error).__name__})") from error
+    if not isinstance(record, dict):
+        raise CmoeError(f"{path}: not a cmoe recipe (expected a mapping at the top level)")
+    return record
+
+
+def _plain(value):
+    """Tuples as lists, so the file holds plain YAML that any reader understands."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

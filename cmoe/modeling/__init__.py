@@ -1,0 +1,13 @@
+"""The carved architecture: self-contained Hugging Face configuration and modeling code, copied into
+every carved directory. Importing this package registers it with transformers' Auto classes, so
+`AutoModelForCausalLM.from_pretrained(carved_dir)` works without `trust_remote_code`."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cmoe.modeling.configuration_cmoe import CMoEConfig, MoELayerSpec
+from cmoe.modeling.modeling_cmoe import CMoEBlock, CMoEForCausalLM, Router
+
+AutoConfig.register(CMoEConfig.model_type, CMoEConfig, exist_ok=True)
+AutoModelForCausalLM.register(CMoEConfig, CMoEForCausalLM, exist_ok=True)
+
+__all__ = ["CMoEBlock", "CMoEConfig", "CMoEForCausalLM", "MoELayerSpec", "Router"]

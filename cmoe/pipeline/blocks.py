@@ -1,0 +1,114 @@
+"""Turning a dense gated MLP and a Partition into a CMoEBlock (tensor moving, no numerics)."""
+
+import torch
+from torch import nn
+
+from cmoe.modeling.modeling_cmoe import CMoEBlock
+from cmoe.numerics.grouping import Partition
+from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection, symmetric_from_upper
+from cmoe.numerics.statistics import ActivationStats
+from cmoe.routers import ROUTERS
+from cmoe.shape import MoELayerSpec
+
+
+def _copy_swiglu(target: nn.Module, dense: nn.Module, neurons: torch.Tensor) -> None:
+    neurons = neurons.to(dense.gate_proj.weight.device)
+    target.gate_proj.weight.copy_(dense.gate_proj.weight[neurons])
+    target.up_proj.weight.copy_(dense.up_proj.weight[neurons])
+    target.down_proj.weight.copy_(dense.down_proj.weight[:, neurons])
+
+
+@torch.no_grad()
+def build_block(
+    dense: nn.Module, partition: Partition, spec: MoELayerSpec, hidden_act: str, stats: ActivationStats, seed: int = 0
+) -> CMoEBlock:
+    """A CMoEBlock holding exactly the dense MLP's neurons, split as the partition says (`seed` for
+    routers that start random), in eval mode: a noisy router must not add noise while carving."""
+    weight = dense.gate_proj.weight
+    with torch.device("meta"):
+        block = CMoEBlock(weight.shape[1], hidden_act, spec)
+    block = block.to_empty(device=weight.device).to(weight.dtype)
+    if block.shared is not None:
+        _copy_swiglu(block.shared, dense, partition.shared)
+    for expert, neurons in zip(block.experts, partition.experts):
+        _copy_swiglu(expert, dense, neurons)
+    router_state = ROUTERS.get(spec.router).build(dense, partition, stats, seed)
+    router_state["scale"] = torch.zeros(spec.num_experts)
+    router_state["bias"] = torch.zeros(spec.num_experts)
+    block.router.load_state_dict(router_state)
+    return block.eval()
+
+
+@torch.no_grad()
+def scale_routed_outputs(block: CMoEBlock, factor: float) -> None:
+    """Multiply every routed expert's output by `factor` (LLaMA-MoE's n/k), folded into its down_proj:
+    exact, because the gate value multiplies the expert's output linearly."""
+    for expert in block.experts:
+        expert.down_proj.weight.mul_(factor)
+
+
+def _hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+
+
+def down_projections(block: CMoEBlock) -> list[nn.Linear]:
+    """The block's down projections in feature order: shared block first, then the routed experts."""
+    shared = [block.shared.down_proj] if block.shared is not None else []
+    return shared + [expert.down_proj for expert in block.experts]
+
+
+@torch.no_grad()
+def routed_pieces(block: CMoEBlock, x: torch.Tensor) -> list[Piece]:
+    """What each down projection reads for tokens `x` (T, d) under the block's routing: the shared
+    block's hidden state on every token, each expert's hidden state times its gate value on the
+    tokens routed to it (no rows for an expert no token selects)."""
+    pieces = []
+    if block.shared is not None:
+        pieces.append(Piece(_hidden(block.shared, x), torch.arange(x.shape[0], device=x.device)))
+    routing = block.router(x) if block.top_k else None
+    for index, expert in enumerate(block.experts):
+        if routing is None:
+            rows = torch.zeros(0, dtype=torch.long, device=x.device)
+            pieces.append(Piece(x.new_zeros(0, expert.down_proj.weight.shape[1], dtype=torch.float32), rows))
+            continue
+        rows, slots = (routing.indices == index).nonzero(as_tuple=True)
+        gates = routing.weights[rows, slots].float().unsqueeze(1)
+        pieces.append(Piece(_hidden(expert, x[rows]) * gates, rows))
+    return pieces
+
+
+@torch.no_grad()
+def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge: float) -> list[torch.Tensor]:
+    """Replace every down projection of `block` by the least-squares fit (see cmoe.refit) of the dense
+    outputs `outputs` from its inputs `inputs` (lists of batches, any leading shape), routing fixed.
+
+    Returns the refitted block's outputs on `inputs` (fp32, CPU), computed from the hidden states the
+    fit already needed, which are kept (tokens x active neurons) until then: no second pass.
+    """
+    downs = down_projections(block)
+    weight = downs[0].weight
+    sizes = [down.weight.shape[1] for down in downs]
+    offsets = [sum(sizes[:index]) for index in range(len(sizes))]
+    hidden_size = weight.shape[0]
+    gram = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64, device=weight.device)
+    cross = torch.zeros(sum(sizes), hidden_size, dtype=torch.float64, device=weight.device)
+    kept = []
+    for x, y in zip(inputs, outputs):
+        x = x.reshape(-1, hidden_size).to(weight.device, weight.dtype)
+        pieces = routed_pieces(block, x)
+        accumulate_normal_equations(
+            gram, cross, pieces, offsets, y.reshape(-1, hidden_size).to(weight.device, torch.float32)
+        )
+        kept.append([Piece(piece.features.cpu(), piece.rows.cpu()) for piece in pieces])
+    initial = torch.cat([down.weight for down in downs], dim=1)
+    fitted = solve_down_projection(symmetric_from_upper(gram), cross, initial, ridge)
+    for down, part in zip(downs, fitted.split(sizes, dim=1)):
+        down.weight.copy_(part.to(weight.dtype))
+    transposed = [down.weight.float().cpu().T for down in downs]
+    refitted = []
+    for x, pieces in zip(inputs, kept):
+        out = torch.zeros(x.shape[:-1].numel(), hidden_size)
+        for piece, weight_t in zip(pieces, transposed):
+            out.index_add_(0, piece.rows, piece.features @ weight_t)
+        refitted.append(out.view(x.shape))
+    return refitted

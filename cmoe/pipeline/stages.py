@@ -1,0 +1,290 @@
+"""The pipeline's stages: statistics, grouping, refit, budget, routing counts, NLL, profile writing.
+
+Each stage is small and declares what it needs (see cmoe.pipeline.sequential.Stage); commands compose
+them (see `carve_stages`). Numerics come from cmoe.numerics; this module moves tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from cmoe.io.profile_format import ProfileFile, StreamingSafetensorsWriter, write_layer
+from cmoe.methods import METHODS
+from cmoe.modeling.configuration_cmoe import CMoEConfig
+from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
+from cmoe.numerics.budget import allocate_active_experts, selection_errors
+from cmoe.numerics.grouping import check_partition, layer_seed
+from cmoe.numerics.refit import REFIT_RIDGE
+from cmoe.pipeline.blocks import build_block, refit_down_projections, scale_routed_outputs
+from cmoe.pipeline.gradients import gradient_importance
+from cmoe.pipeline.runner import decoder_of
+from cmoe.pipeline.sequential import CALIBRATION, MLP_IO, LayerWork, Pipeline, Stage, StatisticsRequest
+from cmoe.registry import Registry
+
+if TYPE_CHECKING:
+    from cmoe.recipes import CarveOptions
+
+
+class Statistics(Stage):
+    """Record the layer's mark statistics (and the optional ones asked for) while it runs."""
+
+    name = "profile"
+    needs = frozenset({CALIBRATION})
+
+    def __init__(self, ka: int, statistic: str, extras: tuple[str, ...]):
+        self.request = StatisticsRequest(ka, statistic, tuple(extras))
+
+    def statistics(self) -> StatisticsRequest:
+        return self.request
+
+
+class SavedStatistics(Stage):
+    """Read each layer's statistics from a profile of the dense model instead of measuring them (the
+    file is opened when the pipeline starts, so building the stages reads nothing)."""
+
+    name = "load_profile"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.profile: ProfileFile | None = None
+
+    def begin(self, pipeline: Pipeline) -> None:
+        self.profile = ProfileFile(self.path)
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        work.stats = self.profile.layer(work.index)
+
+
+class WriteProfile(Stage):
+    """Append each layer's statistics to a profile file as soon as the layer is done."""
+
+    name = "write_profile"
+
+    def __init__(self, writer: StreamingSafetensorsWriter):
+        self.writer = writer
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        write_layer(self.writer, work.index, work.stats.to("cpu"))
+
+
+class GradientImportance(Stage):
+    """Before the layer loop: the whole-model gradient pass of LLaMA-MoE's Sharing methods."""
+
+    name = "gradients"
+    needs = frozenset({CALIBRATION})
+
+    def __init__(self, method: str, groups: int, seed: int, batch_size: int):
+        self.refusal = f"--method {method} needs a gradient pass over calibration data: drop --profile"
+        self.groups, self.seed, self.batch_size = groups, seed, batch_size
+        self.importance: torch.Tensor | None = None
+
+    def begin(self, pipeline: Pipeline) -> None:
+        with pipeline.timer.stage(self.name):
+            self.importance = gradient_importance(
+                pipeline.model, pipeline.windows, self.groups, self.seed, self.batch_size, pipeline.device
+            )
+
+
+class Group(Stage):
+    """Split the layer's neurons by the construction method and build its MoE block."""
+
+    name = "group"
+    carves = True
+
+    def __init__(self, options: CarveOptions, gradients: GradientImportance | None = None):
+        self.options = options
+        self.gradients = gradients
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        with pipeline.timer.stage(self.name):
+            dense = work.dense.to(pipeline.device)
+            importance = None if self.gradients is None else self.gradients.importance[work.index]
+            work.block = carve_block(
+                dense, work.stats, self.options, pipeline.model.config.hidden_act, work.index, importance
+            )
+            dense.to("cpu")
+
+
+class Refit(Stage):
+    """Refit the block's down projections to the dense outputs on this layer's calibration tokens."""
+
+    name = "refit"
+    needs = frozenset({CALIBRATION, MLP_IO})
+    refusal = (
+        "--refit-down (part of --preset quality) fits each carved layer to its dense outputs on calibration data: "
+        "drop --profile or pass --no-refit-down"
+    )
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        with pipeline.timer.stage(self.name):
+            work.carved_outputs = refit_down_projections(
+                work.block.to(pipeline.device), work.inputs, work.outputs, REFIT_RIDGE
+            )
+
+
+SELECTION_SAMPLE_TOKENS = 2048
+
+
+class AdaptiveBudget(Stage):
+    """Measure each block's output error for every number of active experts, then spread the uniform
+    budget's total over the layers where it removes the most error."""
+
+    name = "budget"
+    needs = frozenset({CALIBRATION, MLP_IO})
+    refusal = (
+        "--budget adaptive measures each carved layer on calibration data: drop --profile or pass --budget uniform"
+    )
+
+    def __init__(self, active: int):
+        self.active = active
+        self.errors: list[torch.Tensor] = []
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        with pipeline.timer.stage(self.name):
+            residual = [batch.hidden for batch in pipeline.runner.batches]
+            self.errors.append(
+                relative_selection_errors(work.block.to(pipeline.device), work.inputs, work.outputs, residual)
+            )
+
+    def end(self, pipeline: Pipeline) -> None:
+        allocation = allocate_active_experts(torch.stack(self.errors), len(pipeline.layers) * self.active)
+        for layer, active in zip(pipeline.layers, allocation):
+            layer.mlp.top_k = active
+
+
+BUDGETS: Registry[Callable[[CarveOptions], list[Stage]]] = Registry("budget", "--budget")
+BUDGETS.register("uniform", "N_k active experts in every layer (reference)", lambda options: [])
+BUDGETS.register(
+    "adaptive",
+    "the same total, spread over the layers to minimise measured output error (sequential carving only)",
+    lambda options: [AdaptiveBudget(options.shape.active)],
+)
+
+
+def _sampled_rows(tensors: list[torch.Tensor], limit: int) -> torch.Tensor:
+    """Every stride-th token of the batches (at most about `limit`), as (tokens, features) in fp32."""
+    total = sum(tensor.shape[:-1].numel() for tensor in tensors)
+    stride = max(1, -(-total // limit))
+    return torch.cat([tensor.reshape(-1, tensor.shape[-1])[::stride].float() for tensor in tensors])
+
+
+@torch.no_grad()
+def relative_selection_errors(block: nn.Module, inputs: list, outputs: list, residual: list) -> torch.Tensor:
+    """The block's FFN output error for k = 0..R active experts on a token sample, each token's error
+    relative to its residual stream's energy, averaged over tokens.
+
+    Per token because the next layer's RMSNorm sees each token's direction: normalising by the total
+    energy instead lets a few massive-activation tokens (SmolLM2 layer 11 on) hide every other token's
+    error, and starves those layers (held-out wiki.valid, S1A1E8, linear router: 252 vs 397).
+    """
+    device = next(block.parameters()).device
+    x = _sampled_rows(inputs, SELECTION_SAMPLE_TOKENS).to(device)
+    target = _sampled_rows(outputs, SELECTION_SAMPLE_TOKENS).to(device)
+    dtype = next(block.parameters()).dtype
+    shared = block.shared(x.to(dtype)).float() if block.shared is not None else torch.zeros_like(target)
+    experts = torch.stack([expert(x.to(dtype)).float() for expert in block.experts], dim=1)
+    preference = block.router.probabilities(x.to(dtype)) + block.router.bias.float()
+    energy = _sampled_rows(residual, SELECTION_SAMPLE_TOKENS).square().sum(dim=1).clamp_min(1e-12).to(device)
+    return (selection_errors(target, shared, experts, preference, 1.0 / energy) / len(energy)).cpu()
+
+
+class CountRouting(Stage):
+    """Count, per carved layer, how many tokens its router sends to each expert (forward hooks)."""
+
+    name = "count_routing"
+    needs = frozenset({CALIBRATION})
+
+    def __init__(self):
+        self.counts: torch.Tensor | None = None
+        self._handles: list = []
+
+    def begin(self, pipeline: Pipeline) -> None:
+        blocks = moe_blocks(pipeline.model)
+        self.counts = torch.zeros(len(blocks), max(block.num_experts for _, block in blocks), dtype=torch.long)
+        for position, (_, block) in enumerate(blocks):
+            self._handles.append(block.router.register_forward_hook(self._hook(position)))
+
+    def _hook(self, position: int):
+        def record(module: nn.Module, args, routing) -> None:
+            self.counts[position] += torch.bincount(routing.indices.reshape(-1).cpu(), minlength=self.counts.shape[1])
+
+        return record
+
+    def close(self, pipeline: Pipeline) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class NegativeLogLikelihood(Stage):
+    """After the last layer: the summed next-token NLL of every window, and the tokens predicted."""
+
+    name = "nll"
+    needs = frozenset({CALIBRATION})
+
+    def __init__(self):
+        self.total = 0.0
+        self.predicted = 0
+
+    def end(self, pipeline: Pipeline) -> None:
+        self.total, self.predicted = pipeline.runner.negative_log_likelihood()
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.predicted
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, CMoE block) of every carved layer, recognised by its router."""
+    return [(index, layer.mlp) for index, layer in enumerate(decoder_of(model).layers) if hasattr(layer.mlp, "router")]
+
+
+def carve_block(
+    dense: nn.Module, stats, options: CarveOptions, hidden_act: str, layer: int, importance: torch.Tensor | None = None
+) -> nn.Module:
+    """One layer's MoE block: partition by the construction method, checked, then built."""
+    method = METHODS.get(options.method)
+    partition = method(stats, options, dense=dense, importance=importance, layer=layer)
+    check_partition(partition, stats.num_neurons, method.overlapping)
+    spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router)
+    block = build_block(dense, partition, spec, hidden_act, stats, seed=layer_seed(options.seed, layer))
+    if options.rescale:
+        scale_routed_outputs(block, options.shape.routed / options.shape.active)
+    return block
+
+
+def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size: int = 1) -> list[Stage]:
+    """The stages of a carve under `options`: from a saved profile, or measured on calibration data
+    (with the gradient pass, the refit and the budget the options ask for)."""
+    method = METHODS.get(options.method)
+    gradients = None
+    if method.needs_gradients:
+        gradients = GradientImportance(options.method, options.shape.routed, options.seed, batch_size)
+    if profile is not None:
+        source: list[Stage] = [SavedStatistics(profile)]
+    else:
+        source = [Statistics(options.ka, options.statistic, options.needed_statistics())]
+    stages = ([gradients] if gradients else []) + source + [Group(options, gradients)]
+    if options.refit_down:
+        stages.append(Refit())
+    return stages + BUDGETS.get(options.budget)(options)
+
+
+def as_carved_model(dense_model: nn.Module, options: CarveOptions) -> CMoEForCausalLM:
+    """Wrap the dense model's modules (MLPs already replaced) in the carved architecture, sharing weights."""
+    text_config = dense_model.config
+    spec = options.shape.layer_spec(text_config.intermediate_size, options.router)
+    specs = [replace(spec, top_k=layer.mlp.top_k) for layer in decoder_of(dense_model).layers]
+    config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=specs)
+    with torch.device("meta"):
+        carved = CMoEForCausalLM(config)
+    carved.model = dense_model.model
+    carved.lm_head = dense_model.lm_head
+    carved.config.text_config._attn_implementation = dense_model.config._attn_implementation
+    carved.generation_config = dense_model.generation_config
+    return carved.eval()

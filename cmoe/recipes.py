@@ -1,0 +1,245 @@
+"""Typed, validated, replayable recipes: everything that decides a carve besides the model's weights.
+
+`CarveOptions` holds the carving choices (validated against the registries when built), `Calibration`
+the calibration text and windows, `Compute` where it runs, `CarveRecipe` all of them with the model.
+Presets are merged in one place (`CarveOptions.resolved`: explicit options win). A recipe is saved in
+every artifact (`cmoe_recipe.yaml`, key `recipe`) and `cmoe carve --recipe FILE` replays it.
+"""
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from cmoe.checks import check_integer, portable_text_source, reject_unknown_keys
+from cmoe.errors import CmoeError
+from cmoe.io.loading import DTYPES
+from cmoe.io.recipe_file import read_recipe
+from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
+from cmoe.numerics.statistics import MARK_STATISTICS
+from cmoe.pipeline.sequential import PROPAGATIONS
+from cmoe.pipeline.stages import BUDGETS
+from cmoe.registry import Registry
+from cmoe.routers import ROUTERS
+from cmoe.shape import MoEShape
+
+PRESETS: Registry[dict] = Registry("preset", "--preset")
+PRESETS.register("reference", "the CMoE reference, faithfully", {})
+PRESETS.register(
+    "quality",
+    "linear router + least-squares down-projection refit, chosen on held-out calibration-domain text "
+    "(sequential carving only)",
+    {"router": "linear", "refit_down": True},
+)
+
+_CHOICES = {
+    "method": METHODS,
+    "statistic": MARK_STATISTICS,
+    "shared_by": SHARED_BY,
+    "grouping": GROUPINGS,
+    "representative": REPRESENTATIVES,
+    "router": ROUTERS,
+    "budget": BUDGETS,
+    "preset": PRESETS,
+}
+
+
+@dataclass(frozen=True)
+class CarveOptions:
+    """The defaults are the reference CMoE; every other value is one measured option (README, Options)."""
+
+    shape: MoEShape
+    ka: int = 10
+    method: str = "cmoe"
+    statistic: str = "normalized"
+    shared_by: str = "rate"
+    grouping: str = "hamming"
+    kmeans_iterations: int = 5
+    representative: str = "centroid"
+    router: str = "analytic"
+    budget: str = "uniform"
+    refit_down: bool = False
+    preset: str = "reference"
+    seed: int = 0
+    rescale: bool = False
+    propagate: str = "carved"
+
+    def __post_init__(self):
+        if not isinstance(self.shape, MoEShape):
+            raise CmoeError(f"shape {self.shape!r}: expected S<shared>A<active>E<experts>")
+        self.shape.validated()
+        for name, registry in _CHOICES.items():
+            registry.check(getattr(self, name))
+        if self.propagate not in PROPAGATIONS:
+            raise CmoeError(f"--propagate {self.propagate}: expected one of {', '.join(PROPAGATIONS)}")
+        check_integer("ka", self.ka, 1)
+        check_integer("kmeans_iterations", self.kmeans_iterations, 0)
+        check_integer("seed", self.seed, 0)
+        METHODS.get(self.method).check(self.method, self)
+        if self.rescale and self.budget == "adaptive":
+            raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget adaptive")
+        if self.refit_down and self.budget == "adaptive":
+            raise CmoeError(
+                "--refit-down fits each layer for its number of active experts, which --budget adaptive only fixes "
+                "after the last layer: pass --budget uniform or --no-refit-down"
+            )
+
+    @classmethod
+    def resolved(cls, shape: MoEShape, preset: str = "reference", **explicit) -> "CarveOptions":
+        """The one place presets are merged: defaults, then the preset's values, then every option given
+        explicitly (None = not given)."""
+        return cls(shape=shape).with_overrides(preset=preset, **explicit)
+
+    def with_overrides(self, preset: str | None = None, **explicit) -> "CarveOptions":
+        """These options with a preset's values (when one is named) and then the explicit values over them."""
+        values = {name: value for name, value in explicit.items() if value is not None}
+        reject_unknown_keys(type(self), values, "carve options")
+        if preset is not None:
+            values = {**PRESETS.get(preset), "preset": preset, **values}
+        return replace(self, **values)
+
+    def check(self, intermediate_size: int) -> None:
+        """The checks that need the model's FFN width."""
+        self.shape.validated(intermediate_size)
+        check_ka(self.ka, intermediate_size)
+
+    def needed_statistics(self) -> tuple[str, ...]:
+        """The optional streaming statistics (see ActivationStats) these options read."""
+        wanted = METHODS.get(self.method).statistics(self) + ROUTERS.get(self.router).needs
+        return tuple(dict.fromkeys(wanted))
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.shape.name,
+            **{item.name: getattr(self, item.name) for item in fields(self) if item.name != "shape"},
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CarveOptions":
+        values = dict(values)
+        if "config" not in values:
+            raise CmoeError("carve options: no `config` (S<shared>A<active>E<experts>)")
+        shape = MoEShape.parse(str(values.pop("config")))
+        reject_unknown_keys(cls, values, "carve options")
+        return cls(shape=shape, **values)
+
+
+def check_ka(ka: int, intermediate_size: int) -> None:
+    if not 1 <= ka <= intermediate_size:
+        raise CmoeError(f"--ka {ka}: must be between 1 and the FFN width ({intermediate_size})")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text and its windows: `nsamples` seeded random windows of `seqlen` tokens."""
+
+    source: str
+    nsamples: int = 8
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        check_integer("nsamples", self.nsamples, 1)
+        check_integer("seqlen", self.seqlen, 2)
+        check_integer("seed", self.seed, 0)
+
+    def portable(self) -> "Calibration":
+        """With a local file's path made absolute, so that the recipe replays from any directory."""
+        return replace(self, source=portable_text_source(self.source))
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how to run: device, dtype name, window batch size."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise CmoeError(f"--device {self.device}: expected auto, cpu or cuda")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise CmoeError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
+        check_integer("batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class CarveRecipe:
+    """Everything a carve reads: the dense model, the options, and calibration data or a saved profile."""
+
+    model: str
+    options: CarveOptions
+    calibration: Calibration | None = None
+    profile: str | None = None
+    compute: Compute = Compute()
+
+    def __post_init__(self):
+        if (self.calibration is None) == (self.profile is None):
+            raise CmoeError("carving needs calibration data (--data) or a profile (--profile), not both")
+
+    def with_overrides(self, **values) -> "CarveRecipe":
+        return replace(self, **{name: value for name, value in values.items() if value is not None})
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "carve",
+            "model": self.model,
+            "options": self.options.to_dict(),
+            "calibration": asdict(self.calibration) if self.calibration else None,
+            "profile": self.profile,
+            "compute": asdict(self.compute),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CarveRecipe":
+        if not isinstance(values, dict) or values.get("kind") != "carve":
+            raise CmoeError("not a carve recipe (expected `kind: carve`)")
+        values = {name: value for name, value in values.items() if name != "kind"}
+        reject_unknown_keys(cls, values, "carve recipe")
+        calibration = values.get("calibration")
+        compute = values.get("compute") or {}
+        for part, cls_ in ((calibration or {}, Calibration), (compute, Compute)):
+            reject_unknown_keys(cls_, part, f"carve recipe {cls_.__name__.lower()}")
+        return cls(
+            model=str(values.get("model", "")),
+            options=CarveOptions.from_dict(values.get("options") or {}),
+            calibration=Calibration(**calibration) if calibration else None,
+            profile=values.get("profile"),
+            compute=Compute(**compute),
+        )
+
+
+def _given(values: dict | None) -> dict:
+    return {name: value for name, value in (values or {}).items() if value is not None}
+
+
+def build_carve_recipe(
+    model: str | None = None,
+    replay: str | Path | None = None,
+    shape: MoEShape | None = None,
+    preset: str | None = None,
+    profile: str | Path | None = None,
+    options: dict | None = None,
+    calibration: dict | None = None,
+    compute: dict | None = None,
+) -> CarveRecipe:
+    """The recipe of a `cmoe carve` command line: built from the defaults, or replayed from a recipe file
+    (`replay`, a file or an artifact directory). Values given here (None = not given) override, in this
+    order: the file or the defaults, then the preset's values, then each explicit option."""
+    options, calibration, compute = _given(options), _given(calibration), _given(compute)
+    profile = None if profile is None else str(profile)
+    if replay is None:
+        if model is None:
+            raise CmoeError("give the dense MODEL to carve (or --recipe FILE to replay a carve)")
+        carved = CarveOptions.resolved(shape or MoEShape.parse("S3A3E8"), preset or "reference", **options)
+        data = None if profile else Calibration(**{"source": "wikitext2", **calibration})
+        return CarveRecipe(model, carved, data, profile, Compute(**compute))
+    base = CarveRecipe.from_dict(read_recipe(replay).get("recipe"))
+    carved = base.options.with_overrides(preset=preset, shape=shape, **options)
+    data = base.calibration
+    if profile is not None:
+        data = None
+    elif calibration:
+        data = replace(data, **calibration) if data else Calibration(**{"source": "wikitext2", **calibration})
+    elif data is None:
+        profile = base.profile
+    return CarveRecipe(model or base.model, carved, data, profile, replace(base.compute, **compute))

@@ -1,0 +1,11 @@
+"""Routers: how a carved layer picks its experts. Each file registers one in `ROUTERS`.
+
+A router is a module class (a `cmoe.modeling.modeling_cmoe.Router` subclass, holding top-k, scale, bias
+and the selection) and a builder that computes its weights from the dense MLP, the layer's Partition
+and statistics. `register_router` adds both, from anywhere: see README, Extending cmoe.
+"""
+
+from cmoe.routers.base import ROUTERS, RouterBuilder, RouterKind, register_router
+from cmoe.routers import analytic, linear, noisy_topk  # noqa: F401  (each registers its router)
+
+__all__ = ["ROUTERS", "RouterBuilder", "RouterKind", "register_router"]

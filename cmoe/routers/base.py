@@ -1,0 +1,49 @@
+"""The router registry: a module class and the builder of its weights, under one name."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cmoe.modeling.modeling_cmoe import ROUTER_CLASSES, Router
+from cmoe.numerics.grouping import Partition
+from cmoe.numerics.statistics import OPTIONAL_STATISTICS, ActivationStats
+from cmoe.registry import Registry
+
+RouterBuilder = Callable[[nn.Module, Partition, ActivationStats, int], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class RouterKind:
+    """`module`: the Router subclass a carved layer holds; `build(dense, partition, stats, seed)`: its
+    weights (every tensor of its state dict but `scale` and `bias`, which start at zero); `needs`: the
+    optional statistics (see ActivationStats) the builder reads; `training_free`: usable without
+    `cmoe finetune`."""
+
+    module: type[Router]
+    build: RouterBuilder
+    needs: tuple[str, ...] = ()
+    training_free: bool = True
+
+    def __post_init__(self):
+        if not (isinstance(self.module, type) and issubclass(self.module, Router)):
+            raise TypeError(f"a router module must subclass cmoe's Router, got {self.module!r}")
+        unknown = set(self.needs) - set(OPTIONAL_STATISTICS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {', '.join(OPTIONAL_STATISTICS)}")
+
+
+ROUTERS: Registry[RouterKind] = Registry("router", "--router")
+
+
+def register_router(name: str, help: str, kind: RouterKind, *, replace: bool = False) -> RouterKind:
+    """Register a router for carving (`ROUTERS`) and for loading carved models (the modeling table)."""
+    ROUTERS.register(name, help, kind, replace=replace)
+    ROUTER_CLASSES[name] = kind.module
+    return kind
+
+
+def unregister_router(name: str) -> None:
+    ROUTERS.unregister(name)
+    ROUTER_CLASSES.pop(name, None)
