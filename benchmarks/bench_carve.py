@@ -9,12 +9,13 @@ process, dense and carved side by side. Writes the "Carving SmolLM2-135M" sectio
 """
 
 import argparse
-import json
 import math
 import tempfile
 from pathlib import Path
 
 import torch
+
+import cmoe
 
 from common import (
     WIKI_VALID,
@@ -32,7 +33,6 @@ CONFIGS = ("S3A3E8", "S1A1E8")
 
 
 def calibration_windows_of(gguf: Path, nsamples: int, seqlen: int) -> torch.Tensor:
-    import cmoe
     from cmoe.calibration import calibration_windows
 
     _, tokenizer = cmoe.load_pretrained(str(gguf))
@@ -90,7 +90,7 @@ def main() -> None:
         for mode, extra in (("sequential", calib), ("from-profile", ["--profile", str(profile), "--device", "cpu"])):
             out = work / f"{config}-{mode}"
             seconds, rss, _ = run_cli("carve", str(gguf), "--config", config, "-o", str(out), *extra)
-            recipe = json.loads((out / "cmoe_recipe.json").read_text())
+            recipe = cmoe.read_recipe(out)
             results[f"{config}/{mode}"] = {
                 "carve_wall_s": seconds,
                 "carve_peak_rss_mib": rss,
@@ -98,8 +98,6 @@ def main() -> None:
                 "eval": cli_perplexity(str(out), args.eval_windows, args.seqlen),
                 "path": str(out),
             }
-
-    import cmoe
 
     dense, _ = cmoe.load_pretrained(str(gguf), torch.float32)
     windows = calibration_windows_of(gguf, args.nsamples, args.seqlen)

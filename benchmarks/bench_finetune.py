@@ -15,6 +15,8 @@ import math
 import tempfile
 from pathlib import Path
 
+import cmoe
+
 from common import (
     WIKI_VALID,
     cli_perplexity,
@@ -25,7 +27,6 @@ from common import (
     write_section,
 )
 
-from cmoe.io.recipe_file import read_recipe
 
 CONFIG = "S1A1E8"
 
@@ -88,7 +89,7 @@ def main() -> None:
         "cpu",
         "--overwrite",
     )
-    recipe = read_recipe(tuned)["finetune"]
+    recipe = cmoe.read_recipe(tuned)["finetune"]
     results["finetune"] = {"wall_s": seconds, "peak_rss_mib": rss, "recipe": recipe}
     results["finetuned"] = cli_perplexity(str(tuned), args.eval_windows)
     (work / "results.json").write_text(dump(results))

@@ -15,6 +15,7 @@ from cmoe.eval.perplexity import perplexity_of, run_perplexity
 from cmoe.io.artifacts import StageTimer
 from cmoe.io.carved import load_carved, mean_active_neurons
 from cmoe.io.loading import load_pretrained
+from cmoe.io.recipe_file import read_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY, ConstructionMethod
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.pipeline.stages import BUDGETS
@@ -53,6 +54,7 @@ __all__ = [
     "load_pretrained",
     "mean_active_neurons",
     "perplexity_of",
+    "read_recipe",
     "register_router",
     "run_carve",
     "run_perplexity",
