@@ -12,15 +12,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cmoe.carving import carve as carve_recipe
+from cmoe.carving import carve as carve_from_recipe
 from cmoe.carving import run_profile
 from cmoe.errors import CmoeError
 from cmoe.eval.perplexity import run_perplexity
 from cmoe.eval.routing import run_routing_eval
 from cmoe.finetune import MIXTURES, FinetuneOptions, build_finetune_recipe
-from cmoe.finetune import finetune as finetune_recipe
+from cmoe.finetune import finetune as finetune_from_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
+from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
 from cmoe.recipes import PRESETS, Calibration, Compute, build_carve_recipe
 from cmoe.registry import Registry
@@ -293,8 +294,7 @@ def carve(
         Optional[str],
         typer.Option(
             "--propagate",
-            help="What each layer is profiled on: carved (the outputs of the already carved layers, reference) or "
-            "dense (the dense model's outputs).",
+            help=_choices(PROPAGATIONS, "What each layer is profiled on (default carved)."),
         ),
     ] = None,
     device: Annotated[
@@ -335,7 +335,7 @@ def carve(
     recipe = build_carve_recipe(model, recipe_file, shape, preset, profile_file, options, calibration, compute)
     name = recipe.options.shape.name
     with _layer_progress(f"carve {name}") as on_layer:
-        record = carve_recipe(recipe, output, overwrite, on_layer)
+        record = carve_from_recipe(recipe, output, overwrite, on_layer)
     note = (
         f"; {record['leftover_neurons_in_shared']} leftover neurons joined the shared expert"
         if "leftover_neurons_in_shared" in record
@@ -699,7 +699,7 @@ def finetune(
     }
     recipe = build_finetune_recipe(model, recipe_file, options, data, eval_data, reference, device, dtype)
     with _training_progress() as on_step:
-        record = finetune_recipe(recipe, output, overwrite, resume, on_step)
+        record = finetune_from_recipe(recipe, output, overwrite, resume, on_step)
     if record is None:  # not the main process of an `accelerate launch` run: that one reports
         return
     summary = record["finetune"]

@@ -16,11 +16,12 @@ from cmoe.io.artifacts import StageTimer
 from cmoe.io.carved import load_carved, mean_active_neurons
 from cmoe.io.loading import load_pretrained
 from cmoe.io.recipe_file import read_recipe
-from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY, ConstructionMethod
+from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY, ConstructionMethod, LayerEvidence
+from cmoe.numerics.grouping import Partition
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.pipeline.stages import BUDGETS
 from cmoe.recipes import PRESETS, Calibration, CarveOptions, CarveRecipe, Compute
-from cmoe.routers import ROUTERS, RouterKind, register_router
+from cmoe.routers import ROUTERS, RouterKind
 from cmoe.shape import MoEShape
 
 __version__ = "0.1.0"
@@ -36,10 +37,12 @@ __all__ = [
     "Compute",
     "ConstructionMethod",
     "GROUPINGS",
+    "LayerEvidence",
     "MARK_STATISTICS",
     "METHODS",
     "MoELayerSpec",
     "MoEShape",
+    "Partition",
     "PRESETS",
     "REPRESENTATIVES",
     "ROUTERS",
@@ -55,7 +58,6 @@ __all__ = [
     "mean_active_neurons",
     "perplexity_of",
     "read_recipe",
-    "register_router",
     "run_carve",
     "run_perplexity",
     "run_profile",

@@ -1,11 +1,14 @@
 """`cmoe profile` and `cmoe carve`: validate every input cheaply, run the pipeline, write atomically."""
 
 import time
+from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from cmoe.calibration import calibration_windows, load_text, tokenize_text
+from cmoe.errors import CmoeError
 from cmoe.io.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions
 from cmoe.io.carved import mean_active_neurons, save_carved
 from cmoe.io.loading import PreparedModel, check_seqlen, load_model, load_tokenizer, prepare_model
@@ -14,7 +17,7 @@ from cmoe.io.recipe_file import recipe_text
 from cmoe.io.profile_format import FORMAT, ProfileFile, StreamingSafetensorsWriter
 from cmoe.numerics.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS
 from cmoe.pipeline.runner import LayerCallback
-from cmoe.pipeline.sequential import Pipeline, check_stages
+from cmoe.pipeline.sequential import Pipeline, Stage, check_stages
 from cmoe.pipeline.stages import Statistics, WriteProfile, as_carved_model, carve_stages
 from cmoe.recipes import Calibration, CarveOptions, CarveRecipe, Compute, check_ka
 
@@ -25,6 +28,12 @@ def calibration_tokens(calibration: Calibration, prepared: PreparedModel, timer:
     with timer.stage("calibration_data"):
         tokenizer = load_tokenizer(prepared.source)
         text = load_text(calibration.source, split="train")
+        if calibration.sha256 and text.description["sha256"] != calibration.sha256:
+            raise CmoeError(
+                f"{calibration.source}: the calibration text changed since the recipe was written (sha256 "
+                f"{text.description['sha256'][:12]}, recipe {calibration.sha256[:12]}): "
+                "pass --data to carve on it anyway"
+            )
         tokens = tokenize_text(text.text, tokenizer)
         windows = calibration_windows(tokens, calibration.nsamples, calibration.seqlen, calibration.seed)
     description = {
@@ -115,9 +124,7 @@ def carve(recipe: CarveRecipe, output: Path, overwrite: bool = False, on_layer: 
     dense_config = prepared.config
     options.check(dense_config.intermediate_size)
     portable = recipe.with_overrides(
-        model=prepared.source.description,
-        calibration=recipe.calibration.portable() if recipe.calibration else None,
-        profile=str(profile.resolve()) if profile else None,
+        model=prepared.source.description, profile=str(profile.resolve()) if profile else None
     )
     record = carve_record(options, source_model=prepared.source.description, command=command_line())
     record.update(device=str(prepared.device), dtype=_dtype_name(prepared.dtype))
@@ -134,6 +141,9 @@ def carve(recipe: CarveRecipe, output: Path, overwrite: bool = False, on_layer: 
         )
     else:
         tokenizer, windows, description = calibration_tokens(recipe.calibration, prepared, timer)
+        portable = portable.with_overrides(
+            calibration=replace(recipe.calibration.portable(), sha256=description["sha256"])
+        )
         mode = "sequential (each layer profiled on carved upstream layers)"
         if options.propagate == "dense":
             mode = "sequential on dense upstream layers (each layer profiled on the dense model's outputs)"
@@ -165,10 +175,12 @@ def carve_model(
     timer: StageTimer | None = None,
     on_layer: LayerCallback | None = None,
     profile: Path | None = None,
+    extra_stages: Sequence[Stage] = (),
 ) -> CMoEForCausalLM:
     """Carve a loaded dense model in place (its MLPs become MoE blocks) on calibration `windows`, or from
-    a saved `profile` (windows None), and return it wrapped in the carved architecture."""
-    stages = carve_stages(options, profile, batch_size)
+    a saved `profile` (windows None), and return it wrapped in the carved architecture. `extra_stages`
+    run after the carve's own stages, on every layer (e.g. to measure each block before propagation)."""
+    stages = carve_stages(options, profile, batch_size) + list(extra_stages)
     Pipeline(model, stages, windows, batch_size, device, options.propagate, timer, on_layer).run()
     return as_carved_model(model, options)
 

@@ -44,3 +44,22 @@ def portable_location(location: str) -> str:
 def portable_text_source(source: str) -> str:
     """A local text file made absolute; a named source as given (it wins over a file of the same name)."""
     return source if source in NAMED_SOURCES else portable_location(source)
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def check_device_name(name) -> None:
+    """auto, cpu, cuda or cuda:N (whether a GPU is there is checked when the device is resolved)."""
+    if not isinstance(name, str) or (name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:")):
+        raise CmoeError(f"--device {name}: expected auto, cpu or cuda")
+
+
+def check_dtype_name(name) -> None:
+    if name != "auto" and name not in DTYPE_NAMES:
+        raise CmoeError(f"--dtype {name}: expected auto, {', '.join(DTYPE_NAMES)}")
+
+
+def given(values: dict | None) -> dict:
+    """The entries whose value is not None: the options given explicitly."""
+    return {name: value for name, value in (values or {}).items() if value is not None}

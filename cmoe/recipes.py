@@ -9,9 +9,15 @@ every artifact (`cmoe_recipe.yaml`, key `recipe`) and `cmoe carve --recipe FILE`
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from cmoe.checks import check_integer, portable_text_source, reject_unknown_keys
+from cmoe.checks import (
+    check_device_name,
+    check_dtype_name,
+    check_integer,
+    given,
+    portable_text_source,
+    reject_unknown_keys,
+)
 from cmoe.errors import CmoeError
-from cmoe.io.loading import DTYPES
 from cmoe.io.recipe_file import read_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
@@ -39,6 +45,7 @@ _CHOICES = {
     "router": ROUTERS,
     "budget": BUDGETS,
     "preset": PRESETS,
+    "propagate": PROPAGATIONS,
 }
 
 
@@ -68,8 +75,6 @@ class CarveOptions:
         self.shape.validated()
         for name, registry in _CHOICES.items():
             registry.check(getattr(self, name))
-        if self.propagate not in PROPAGATIONS:
-            raise CmoeError(f"--propagate {self.propagate}: expected one of {', '.join(PROPAGATIONS)}")
         check_integer("ka", self.ka, 1)
         check_integer("kmeans_iterations", self.kmeans_iterations, 0)
         check_integer("seed", self.seed, 0)
@@ -89,11 +94,13 @@ class CarveOptions:
         return cls(shape=shape).with_overrides(preset=preset, **explicit)
 
     def with_overrides(self, preset: str | None = None, **explicit) -> "CarveOptions":
-        """These options with a preset's values (when one is named) and then the explicit values over them."""
-        values = {name: value for name, value in explicit.items() if value is not None}
+        """These options with a preset (when one is named) and then the explicit values over them. A new
+        preset first returns the old preset's options to their defaults, so that none of it lingers."""
+        values = given(explicit)
         reject_unknown_keys(type(self), values, "carve options")
         if preset is not None:
-            values = {**PRESETS.get(preset), "preset": preset, **values}
+            defaults = {item.name: item.default for item in fields(self) if item.name in PRESETS.get(self.preset)}
+            values = {**defaults, **PRESETS.get(preset), "preset": preset, **values}
         return replace(self, **values)
 
     def check(self, intermediate_size: int) -> None:
@@ -129,12 +136,14 @@ def check_ka(ka: int, intermediate_size: int) -> None:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration text and its windows: `nsamples` seeded random windows of `seqlen` tokens."""
+    """Calibration text and its windows: `nsamples` seeded random windows of `seqlen` tokens. `sha256`,
+    when set (a replayed recipe), is what the text must hash to: a changed text is refused, not used."""
 
     source: str
     nsamples: int = 8
     seqlen: int = 2048
     seed: int = 0
+    sha256: str | None = None
 
     def __post_init__(self):
         check_integer("nsamples", self.nsamples, 1)
@@ -155,10 +164,8 @@ class Compute:
     batch_size: int = 1
 
     def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise CmoeError(f"--device {self.device}: expected auto, cpu or cuda")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise CmoeError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
+        check_device_name(self.device)
+        check_dtype_name(self.dtype)
         check_integer("batch_size", self.batch_size, 1)
 
 
@@ -173,11 +180,13 @@ class CarveRecipe:
     compute: Compute = Compute()
 
     def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise CmoeError("carve recipe: no `model` (the dense model to carve)")
         if (self.calibration is None) == (self.profile is None):
             raise CmoeError("carving needs calibration data (--data) or a profile (--profile), not both")
 
     def with_overrides(self, **values) -> "CarveRecipe":
-        return replace(self, **{name: value for name, value in values.items() if value is not None})
+        return replace(self, **given(values))
 
     def to_dict(self) -> dict:
         return {
@@ -208,10 +217,6 @@ class CarveRecipe:
         )
 
 
-def _given(values: dict | None) -> dict:
-    return {name: value for name, value in (values or {}).items() if value is not None}
-
-
 def build_carve_recipe(
     model: str | None = None,
     replay: str | Path | None = None,
@@ -225,7 +230,7 @@ def build_carve_recipe(
     """The recipe of a `cmoe carve` command line: built from the defaults, or replayed from a recipe file
     (`replay`, a file or an artifact directory). Values given here (None = not given) override, in this
     order: the file or the defaults, then the preset's values, then each explicit option."""
-    options, calibration, compute = _given(options), _given(calibration), _given(compute)
+    options, calibration, compute = given(options), given(calibration), given(compute)
     profile = None if profile is None else str(profile)
     if replay is None:
         if model is None:
@@ -238,8 +243,11 @@ def build_carve_recipe(
     data = base.calibration
     if profile is not None:
         data = None
-    elif calibration:
-        data = replace(data, **calibration) if data else Calibration(**{"source": "wikitext2", **calibration})
-    elif data is None:
+    elif data is not None:
+        text_changed = {"sha256": None} if "source" in calibration else {}
+        data = replace(data, **calibration, **text_changed)
+    elif "source" in calibration:
+        data = Calibration(**calibration)
+    else:
         profile = base.profile
     return CarveRecipe(model or base.model, carved, data, profile, replace(base.compute, **compute))

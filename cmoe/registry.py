@@ -24,10 +24,18 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Named pieces of one kind, in registration order; `flag` is the option that chooses among them."""
 
-    def __init__(self, kind: str, flag: str):
+    def __init__(
+        self,
+        kind: str,
+        flag: str,
+        on_register: Callable[[str, T], None] | None = None,
+        on_unregister: Callable[[str], None] | None = None,
+    ):
         self.kind = kind
         self.flag = flag
         self._entries: dict[str, Entry[T]] = {}
+        self._on_register = on_register
+        self._on_unregister = on_unregister
 
     def register(self, name: str, help: str, value: T | None = None, *, replace: bool = False):
         """Register `value` under `name`; without `value`, return a decorator that registers its target."""
@@ -37,11 +45,14 @@ class Registry(Generic[T]):
             raise ValueError(f"invalid {self.kind} name {name!r}")
         if name in self._entries and not replace:
             raise ValueError(f"{self.kind} {name!r} is already registered")
+        if self._on_register is not None:
+            self._on_register(name, value)
         self._entries[name] = Entry(name, help, value)
         return value
 
     def unregister(self, name: str) -> None:
-        self._entries.pop(name, None)
+        if self._entries.pop(name, None) is not None and self._on_unregister is not None:
+            self._on_unregister(name)
 
     def check(self, name: str) -> str:
         """`name`, or one CmoeError naming the option and listing the known names."""
@@ -67,12 +78,6 @@ class Registry(Generic[T]):
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
 
-    def entries(self) -> list[Entry[T]]:
-        return list(self._entries.values())
-
     def help_text(self) -> str:
         """`a (help of a), b (help of b)`: the text a CLI option lists its choices with."""
         return "; ".join(f"{entry.name}: {entry.help}" for entry in self._entries.values())
-
-    def names_where(self, test: Callable[[T], bool]) -> tuple[str, ...]:
-        return tuple(entry.name for entry in self._entries.values() if test(entry.value))

@@ -121,6 +121,40 @@ def test_a_carve_with_a_noisy_router_does_not_depend_on_the_global_random_state(
     ).read_bytes()
 
 
+def test_replay_keeps_a_profile_changes_presets_whole_and_refuses_a_changed_text(tiny_model_dir, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text(TINYSTORIES_TRAIN.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    record = cmoe.run_carve(
+        str(tiny_model_dir),
+        tmp_path / "first",
+        CarveOptions.resolved(MoEShape.parse("S1A2E8"), "quality"),
+        cmoe.Calibration(str(text), nsamples=2, seqlen=64),
+        compute=cmoe.Compute("cpu"),
+    )
+    assert record["recipe"]["calibration"]["sha256"] == record["calibration"]["sha256"]
+    reference = build_carve_recipe(replay=tmp_path / "first", preset="reference")
+    assert (reference.options.router, reference.options.refit_down, reference.options.preset) == (
+        "analytic",
+        False,
+        "reference",
+    )
+    text.write_text(text.read_text(encoding="utf-8") + " The end.", encoding="utf-8")
+    with pytest.raises(CmoeError, match="the calibration text changed"):
+        cmoe.carve(build_carve_recipe(replay=tmp_path / "first"), tmp_path / "again")
+    assert build_carve_recipe(replay=tmp_path / "first", calibration={"source": str(text)}).calibration.sha256 is None
+
+    profiled = CarveRecipe("dense", CarveOptions(MoEShape.parse("S1A2E8")), profile=str(tmp_path / "dense.profile"))
+    (tmp_path / "profiled").mkdir()
+    cmoe.io.recipe_file.write_recipe(tmp_path / "profiled", {"recipe": profiled.to_dict()})
+    replayed = build_carve_recipe(replay=tmp_path / "profiled", options={"seed": 4}, calibration={"seed": 4})
+    assert replayed.profile == profiled.profile and replayed.calibration is None and replayed.options.seed == 4
+
+
+def test_an_artifact_with_the_older_json_record_still_reads(tmp_path):
+    (tmp_path / "cmoe_recipe.json").write_text('{"config": "S3A3E8", "source_model": "/models/dense"}')
+    assert read_recipe(tmp_path)["source_model"] == "/models/dense"
+
+
 def test_bad_recipe_files_fail_in_one_line(capsys, tmp_path):
     (tmp_path / "bad.yaml").write_text("recipe: [unclosed\n")
     (tmp_path / "other.yaml").write_text("recipe: {kind: finetune}\n")
@@ -151,15 +185,13 @@ def mean_direction_weights(dense, partition, stats, seed):
 
 @pytest.fixture
 def toy_router():
-    cmoe.register_router(
+    cmoe.ROUTERS.register(
         "mean-direction",
         "toy: cosine to each expert's mean up row",
         cmoe.RouterKind(MeanDirectionRouter, mean_direction_weights),
     )
     yield "mean-direction"
-    from cmoe.routers.base import unregister_router
-
-    unregister_router("mean-direction")
+    cmoe.ROUTERS.unregister("mean-direction")
 
 
 def test_a_router_registered_from_a_test_file_carves_and_reloads(toy_router, tiny_model_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ from cmoe.errors import CmoeError
 from cmoe.finetune.recipe import FinetuneOptions
 from cmoe.io.carved import carved_config
 from cmoe.io.loading import ModelSource, PreparedModel, is_carved, load_config, resolve_source
-from cmoe.io.recipe_file import RECIPE_FILE, read_recipe
+from cmoe.io.recipe_file import has_recipe, read_recipe
 from cmoe.modeling.modeling_cmoe import finetuned_router_parameters
 
 # CMoE's LoRA targets: attention q/k/v/o and the gate/up/down of every expert (routed and shared) and of
@@ -27,8 +27,7 @@ LORA_TARGETS = (
 
 def carved_record(source: ModelSource) -> dict:
     """The carve's record saved with a local carved model ({} for a hub model, which has none here)."""
-    path = Path(source.location) / RECIPE_FILE
-    return read_recipe(path) if path.is_file() else {}
+    return read_recipe(source.location) if has_recipe(source.location) else {}
 
 
 def reference_source(reference: str | None, carved: ModelSource) -> ModelSource:

@@ -11,9 +11,18 @@ from dataclasses import dataclass, fields, replace
 from numbers import Real
 from pathlib import Path
 
-from cmoe.checks import check_integer, check_number, flag, portable_location, portable_text_source, reject_unknown_keys
+from cmoe.checks import (
+    check_device_name,
+    check_dtype_name,
+    check_integer,
+    check_number,
+    flag,
+    given,
+    portable_location,
+    portable_text_source,
+    reject_unknown_keys,
+)
 from cmoe.errors import CmoeError
-from cmoe.io.loading import DTYPES
 from cmoe.io.recipe_file import RECIPE_FILE, read_recipe
 from cmoe.numerics.mixture import normalized_weights
 from cmoe.registry import Registry
@@ -187,12 +196,8 @@ class FinetuneRecipe:
         self.mixture_weights()
         if not isinstance(self.options, FinetuneOptions):
             raise CmoeError("finetune recipe: `options` must be FinetuneOptions")
-        if not isinstance(self.device, str) or (
-            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
-        ):
-            raise CmoeError(f"--device {self.device}: expected auto, cpu or cuda")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise CmoeError(f"--dtype {self.dtype}: expected auto, {', '.join(DTYPES)}")
+        check_device_name(self.device)
+        check_dtype_name(self.dtype)
 
     def mixture_weights(self) -> list[float]:
         """The --data weights normalised to sum to 1 (refuses no data, negative weights, a zero sum)."""
@@ -263,7 +268,7 @@ def build_finetune_recipe(
     """The recipe of a `cmoe finetune` command line: built from the defaults, or replayed from a recipe file
     (`replay`, a file or a fine-tuned model's directory). Values given here (None = not given) override
     the file's or the defaults; `--data` entries replace the file's list as a whole."""
-    explicit = {name: value for name, value in (options or {}).items() if value is not None}
+    explicit = given(options)
     reject_unknown_keys(FinetuneOptions, explicit, "finetune options")
     specs = tuple(parse_data_spec(spec) for spec in data) if data else None
     if replay is None:
@@ -273,16 +278,14 @@ def build_finetune_recipe(
             model, specs or (), FinetuneOptions(**explicit), eval_data, reference, device or "auto", dtype or "auto"
         )
     base = replayed_recipe(replay)
-    given = {
-        "model": model,
-        "data": specs,
-        "eval_data": eval_data,
-        "reference": reference,
-        "device": device,
-        "dtype": dtype,
-    }
-    return replace(
-        base,
-        options=replace(base.options, **explicit),
-        **{name: value for name, value in given.items() if value is not None},
+    overrides = given(
+        {
+            "model": model,
+            "data": specs,
+            "eval_data": eval_data,
+            "reference": reference,
+            "device": device,
+            "dtype": dtype,
+        }
     )
+    return replace(base, options=replace(base.options, **explicit), **overrides)

@@ -39,7 +39,7 @@ def carved_config(path: str | Path):
     return without_gguf_quantization(AutoConfig.from_pretrained(path))
 
 
-def save_carved(model: nn.Module, tokenizer, directory: Path, recipe: dict) -> None:
+def save_carved(model: nn.Module, tokenizer, directory: Path, record: dict) -> None:
     """Weights (safetensors), config with auto_map, modeling code, tokenizer, recipe and model card."""
     directory.mkdir(parents=True)
     without_gguf_quantization(model.config)
@@ -48,8 +48,8 @@ def save_carved(model: nn.Module, tokenizer, directory: Path, recipe: dict) -> N
     tokenizer.save_pretrained(directory)
     for module in (configuration_cmoe, modeling_cmoe):
         shutil.copy(module.__file__, directory / Path(module.__file__).name)
-    write_recipe(directory, recipe)
-    (directory / "README.md").write_text(model_card(model, recipe))
+    write_recipe(directory, record)
+    (directory / "README.md").write_text(model_card(model, record))
 
 
 def load_carved(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -70,49 +70,49 @@ def mean_active_neurons(config) -> float:
     return sum(widths) / len(widths)
 
 
-def model_card(model: nn.Module, recipe: dict) -> str:
+def model_card(model: nn.Module, record: dict) -> str:
     text_config = model.config.text_config
     spec = next(spec for spec in model.config.layer_specs if spec)
     dense_ffn = text_config.intermediate_size
     active = mean_active_neurons(model.config)
     per_layer = ", ".join(str(layer.top_k) if layer else "dense" for layer in model.config.layer_specs)
-    calibration = recipe.get("calibration") or {}
-    timings = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in recipe.get("timings_s", {}).items())
+    calibration = record.get("calibration") or {}
+    timings = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in record.get("timings_s", {}).items())
     shape = (
-        f"{recipe.get('config')} (shared {recipe.get('shared_experts')}, active routed {recipe.get('active_experts')}, "
-        f"experts {recipe.get('experts')})"
+        f"{record.get('config')} (shared {record.get('shared_experts')}, active routed {record.get('active_experts')}, "
+        f"experts {record.get('experts')})"
     )
     widths = (
         f"{dense_ffn} dense; shared block {spec.shared_size}, {spec.num_experts} routed experts of {spec.expert_size}"
     )
-    method = recipe.get("method", "cmoe")
-    if recipe.get("rescale"):
+    method = record.get("method", "cmoe")
+    if record.get("rescale"):
         method += ", routed outputs rescaled by n/k"
-    if recipe.get("refit_down"):
+    if record.get("refit_down"):
         method += ", down projections refitted by least squares on the calibration tokens"
     router = "training-free" if ROUTERS[spec.router].training_free else "random start: train it with `cmoe finetune`"
     source = calibration.get("source", calibration.get("path", "profile"))
-    windows = f"{recipe.get('nsamples', '-')} windows of {recipe.get('seqlen', '-')} tokens, seed {recipe.get('seed')}"
+    windows = f"{record.get('nsamples', '-')} windows of {record.get('seqlen', '-')} tokens, seed {record.get('seed')}"
     return f"""---
 library_name: transformers
 tags: [cmoe, mixture-of-experts, carved]
 ---
-# {recipe.get("config", "CMoE")} carved from {recipe.get("source_model", "a dense model")}
+# {record.get("config", "CMoE")} carved from {record.get("source_model", "a dense model")}
 
 A Mixture-of-Experts model carved without training by cmoe (CMoE, Pei et al. 2025,
-arXiv 2502.04416) from the dense `{text_config.model_type}` model `{recipe.get("source_model")}`.
+arXiv 2502.04416) from the dense `{text_config.model_type}` model `{record.get("source_model")}`.
 
 | | |
 |---|---|
 | configuration | {shape} |
 | FFN neurons per layer | {widths} |
 | active FFN neurons per token | {active:g} of {dense_ffn} ({active / dense_ffn:.1%}), mean over layers |
-| active routed experts per layer | {per_layer} (budget {recipe.get("budget", "uniform")}) |
+| active routed experts per layer | {per_layer} (budget {record.get("budget", "uniform")}) |
 | construction method | {method} |
 | router | {spec.router} ({router}) |
-| K_a | {recipe.get("ka")} |
+| K_a | {record.get("ka")} |
 | calibration | {source}: {windows} |
-| mode | {recipe.get("mode")} |
+| mode | {record.get("mode")} |
 
 ## Load
 ```python

@@ -14,11 +14,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
 import cmoe.modeling  # noqa: F401  (registers the carved architecture with the Auto classes)
+from cmoe.checks import DTYPE_NAMES, check_device_name, check_dtype_name
 from cmoe.errors import CmoeError
 
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -106,18 +107,16 @@ def check_dense_gated(config: PreTrainedConfig, description: str) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CmoeError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise CmoeError(f"--device {name}: expected auto, cpu or cuda")
+    check_device_name(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CmoeError(f"--device {name}: no CUDA device is available")
     return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device, config: PreTrainedConfig) -> torch.dtype:
     """`auto`: float32 on the CPU (fast and exact), the checkpoint's dtype (or bfloat16) on a GPU."""
+    check_dtype_name(name)
     if name != "auto":
-        if name not in DTYPES:
-            raise CmoeError(f"--dtype {name}: expected auto, {', '.join(DTYPES)}")
         return DTYPES[name]
     if device.type == "cpu":
         return torch.float32
@@ -149,10 +148,6 @@ class PreparedModel:
     config: PreTrainedConfig
     device: torch.device
     dtype: torch.dtype
-
-    @property
-    def text_config(self) -> PreTrainedConfig:
-        return text_config_of(self.config)
 
 
 def prepare_model(model: str, device: str, dtype: str, kind: str = "any") -> PreparedModel:

@@ -12,6 +12,7 @@ import yaml
 from cmoe.errors import CmoeError
 
 RECIPE_FILE = "cmoe_recipe.yaml"
+LEGACY_RECIPE_FILE = "cmoe_recipe.json"  # what artifacts written before the YAML recipe carry
 
 
 def recipe_text(record: dict) -> str:
@@ -23,11 +24,18 @@ def write_recipe(directory: Path, record: dict) -> None:
     (directory / RECIPE_FILE).write_text(recipe_text(record))
 
 
+def has_recipe(directory: str | Path) -> bool:
+    """Whether an artifact directory carries a record (the YAML one, or an older artifact's JSON one)."""
+    return any((Path(directory) / name).is_file() for name in (RECIPE_FILE, LEGACY_RECIPE_FILE))
+
+
 def read_recipe(path: str | Path) -> dict:
-    """The record in a recipe file, or in the recipe file of an artifact directory."""
+    """The record in a recipe file, or in the recipe file of an artifact directory (an older artifact's
+    JSON record too: YAML reads JSON)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / RECIPE_FILE
+        legacy = path / LEGACY_RECIPE_FILE
+        path = legacy if legacy.is_file() and not (path / RECIPE_FILE).is_file() else path / RECIPE_FILE
     if not path.is_file():
         raise CmoeError(f"{path}: no such recipe file")
     try:

@@ -79,7 +79,7 @@ def routed_pieces(block: CMoEBlock, x: torch.Tensor) -> list[Piece]:
 
 @torch.no_grad()
 def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge: float) -> list[torch.Tensor]:
-    """Replace every down projection of `block` by the least-squares fit (see cmoe.refit) of the dense
+    """Replace every down projection of `block` by the least-squares fit (see cmoe.numerics.refit) of the dense
     outputs `outputs` from its inputs `inputs` (lists of batches, any leading shape), routing fixed.
 
     Returns the refitted block's outputs on `inputs` (fp32, CPU), computed from the hidden states the

@@ -23,10 +23,13 @@ from cmoe.io.artifacts import StageTimer
 from cmoe.numerics.statistics import ActivationStats
 from cmoe.pipeline.probe import ProbedMLP
 from cmoe.pipeline.runner import LayerCallback, LayerRunner, decoder_of
+from cmoe.registry import Registry
 
 CALIBRATION = "calibration"
 MLP_IO = "mlp_io"
-PROPAGATIONS = ("carved", "dense")
+PROPAGATIONS: Registry[str] = Registry("propagation", "--propagate")
+PROPAGATIONS.register("carved", "the outputs of the already carved layers below (reference)", "carved")
+PROPAGATIONS.register("dense", "the dense model's outputs", "dense")
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,18 @@ class LayerWork:
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     block: nn.Module | None = None
-    carved_outputs: list[torch.Tensor] | None = None
+    block_outputs: list[torch.Tensor] | None = None
 
 
 class Stage:
     """One step of the pipeline. `name` labels its timing; `needs` lists CALIBRATION and MLP_IO;
     `refusal` is the one line shown when the pipeline has no calibration data but the stage needs it;
-    `carves` says that the stage sets `work.block`."""
+    `builds_block` says that the stage sets `work.block`."""
 
     name = "stage"
     needs: frozenset[str] = frozenset()
     refusal = ""
-    carves = False
+    builds_block = False
 
     def statistics(self) -> StatisticsRequest | None:
         return None
@@ -102,8 +105,7 @@ class Pipeline:
         timer: StageTimer | None = None,
         on_layer: LayerCallback | None = None,
     ):
-        if propagate not in PROPAGATIONS:
-            raise ValueError(f"propagate must be one of {PROPAGATIONS}, got {propagate!r}")
+        PROPAGATIONS.check(propagate)
         check_stages(stages, windows is not None)
         self.model = model
         self.stages = stages
@@ -119,7 +121,7 @@ class Pipeline:
             raise ValueError("stages ask for marks of different K_a or statistic")
         extras = tuple(dict.fromkeys(name for request in requests for name in request.extras))
         self.request = StatisticsRequest(requests[0].ka, requests[0].statistic, extras) if requests else None
-        self.carving = any(stage.carves for stage in stages)
+        self.carving = any(stage.builds_block for stage in stages)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -189,8 +191,8 @@ class Pipeline:
         """Make the stored outputs the carved layer's: swap the MLP's share when the layer adds it to the
         residual (no second attention pass), else re-run the layer with the block."""
         if self.additive:
-            if work.carved_outputs is not None:
-                self.runner.swap_mlp_outputs(work.outputs, work.carved_outputs)
+            if work.block_outputs is not None:
+                self.runner.swap_mlp_outputs(work.outputs, work.block_outputs)
             else:
                 self.runner.replace_mlp_outputs(work.block, work.inputs, work.outputs)
             return

@@ -90,11 +90,12 @@ class GradientImportance(Stage):
             )
 
 
-class Group(Stage):
-    """Split the layer's neurons by the construction method and build its MoE block."""
+class BuildBlock(Stage):
+    """Split the layer's neurons by the construction method and build its MoE block (on the compute
+    device when the layer ran there; on the CPU, where the statistics are, when carving from a profile)."""
 
     name = "group"
-    carves = True
+    builds_block = True
 
     def __init__(self, options: CarveOptions, gradients: GradientImportance | None = None):
         self.options = options
@@ -102,12 +103,24 @@ class Group(Stage):
 
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         with pipeline.timer.stage(self.name):
-            dense = work.dense.to(pipeline.device)
+            dense = work.dense.to(pipeline.device if pipeline.runner is not None else "cpu")
             importance = None if self.gradients is None else self.gradients.importance[work.index]
             work.block = carve_block(
                 dense, work.stats, self.options, pipeline.model.config.hidden_act, work.index, importance
             )
             dense.to("cpu")
+
+
+class Rescale(Stage):
+    """Multiply the selected experts' outputs by n/k (LLaMA-MoE), folded exactly into their down_proj."""
+
+    name = "rescale"
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        scale_routed_outputs(work.block, self.factor)
 
 
 class Refit(Stage):
@@ -122,7 +135,7 @@ class Refit(Stage):
 
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         with pipeline.timer.stage(self.name):
-            work.carved_outputs = refit_down_projections(
+            work.block_outputs = refit_down_projections(
                 work.block.to(pipeline.device), work.inputs, work.outputs, REFIT_RIDGE
             )
 
@@ -252,15 +265,12 @@ def carve_block(
     partition = method(stats, options, dense=dense, importance=importance, layer=layer)
     check_partition(partition, stats.num_neurons, method.overlapping)
     spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router)
-    block = build_block(dense, partition, spec, hidden_act, stats, seed=layer_seed(options.seed, layer))
-    if options.rescale:
-        scale_routed_outputs(block, options.shape.routed / options.shape.active)
-    return block
+    return build_block(dense, partition, spec, hidden_act, stats, seed=layer_seed(options.seed, layer))
 
 
 def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size: int = 1) -> list[Stage]:
     """The stages of a carve under `options`: from a saved profile, or measured on calibration data
-    (with the gradient pass, the refit and the budget the options ask for)."""
+    (with the gradient pass, the rescaling, the refit and the budget the options ask for)."""
     method = METHODS.get(options.method)
     gradients = None
     if method.needs_gradients:
@@ -269,7 +279,9 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
         source: list[Stage] = [SavedStatistics(profile)]
     else:
         source = [Statistics(options.ka, options.statistic, options.needed_statistics())]
-    stages = ([gradients] if gradients else []) + source + [Group(options, gradients)]
+    stages = ([gradients] if gradients else []) + source + [BuildBlock(options, gradients)]
+    if options.rescale:
+        stages.append(Rescale(options.shape.routed / options.shape.active))
     if options.refit_down:
         stages.append(Refit())
     return stages + BUDGETS.get(options.budget)(options)

@@ -2,10 +2,11 @@
 
 A router is a module class (a `cmoe.modeling.modeling_cmoe.Router` subclass, holding top-k, scale, bias
 and the selection) and a builder that computes its weights from the dense MLP, the layer's Partition
-and statistics. `register_router` adds both, from anywhere: see README, Extending cmoe.
+and statistics. `ROUTERS.register(name, help, RouterKind(...))` adds both (the module class goes into
+the modeling code's table, so carved models load), from anywhere: see README, Extending cmoe.
 """
 
-from cmoe.routers.base import ROUTERS, RouterBuilder, RouterKind, register_router
+from cmoe.routers.base import ROUTERS, RouterBuilder, RouterKind
 from cmoe.routers import analytic, linear, noisy_topk  # noqa: F401  (each registers its router)
 
-__all__ = ["ROUTERS", "RouterBuilder", "RouterKind", "register_router"]
+__all__ = ["ROUTERS", "RouterBuilder", "RouterKind"]

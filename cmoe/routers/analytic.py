@@ -5,7 +5,7 @@ from torch import nn
 from cmoe.modeling.modeling_cmoe import AnalyticRouter
 from cmoe.numerics.grouping import Partition
 from cmoe.numerics.statistics import ActivationStats
-from cmoe.routers.base import RouterKind, register_router
+from cmoe.routers.base import ROUTERS, RouterKind
 
 
 def analytic_router_weights(dense: nn.Module, partition: Partition, stats: ActivationStats, seed: int = 0) -> dict:
@@ -20,7 +20,7 @@ def analytic_router_weights(dense: nn.Module, partition: Partition, stats: Activ
     }
 
 
-register_router(
+ROUTERS.register(
     "analytic",
     "the reference: each expert's representative neuron scores the token",
     RouterKind(AnalyticRouter, analytic_router_weights),

@@ -34,16 +34,13 @@ class RouterKind:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {', '.join(OPTIONAL_STATISTICS)}")
 
 
-ROUTERS: Registry[RouterKind] = Registry("router", "--router")
-
-
-def register_router(name: str, help: str, kind: RouterKind, *, replace: bool = False) -> RouterKind:
-    """Register a router for carving (`ROUTERS`) and for loading carved models (the modeling table)."""
-    ROUTERS.register(name, help, kind, replace=replace)
+def _add_module(name: str, kind: RouterKind) -> None:
+    if not isinstance(kind, RouterKind):
+        raise TypeError(f"router {name!r}: register a RouterKind, got {type(kind).__name__}")
     ROUTER_CLASSES[name] = kind.module
-    return kind
 
 
-def unregister_router(name: str) -> None:
-    ROUTERS.unregister(name)
-    ROUTER_CLASSES.pop(name, None)
+# Registering a router also makes its module class known to the modeling code, so carved models load.
+ROUTERS: Registry[RouterKind] = Registry(
+    "router", "--router", on_register=_add_module, on_unregister=lambda name: ROUTER_CLASSES.pop(name, None)
+)

@@ -6,7 +6,7 @@ from cmoe.modeling.modeling_cmoe import LinearRouter
 from cmoe.numerics.grouping import Partition
 from cmoe.numerics.router_fit import fit_linear_router
 from cmoe.numerics.statistics import ActivationStats
-from cmoe.routers.base import RouterKind, register_router
+from cmoe.routers.base import ROUTERS, RouterKind
 
 
 def linear_router_weights(dense: nn.Module, partition: Partition, stats: ActivationStats, seed: int = 0) -> dict:
@@ -18,7 +18,7 @@ def linear_router_weights(dense: nn.Module, partition: Partition, stats: Activat
     return {"proj.weight": weight.to(dtype), "proj.bias": intercept.to(dtype)}
 
 
-register_router(
+ROUTERS.register(
     "linear",
     "fitted in closed form to predict each expert's output",
     RouterKind(LinearRouter, linear_router_weights, needs=("input_gram", "input_target")),

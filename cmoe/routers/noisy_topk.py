@@ -6,7 +6,7 @@ from torch import nn
 from cmoe.modeling.modeling_cmoe import NoisyTopKRouter
 from cmoe.numerics.grouping import Partition
 from cmoe.numerics.statistics import ActivationStats
-from cmoe.routers.base import RouterKind, register_router
+from cmoe.routers.base import ROUTERS, RouterKind
 
 
 def noisy_topk_router_weights(dense: nn.Module, partition: Partition, stats: ActivationStats, seed: int = 0) -> dict:
@@ -18,7 +18,7 @@ def noisy_topk_router_weights(dense: nn.Module, partition: Partition, stats: Act
     return {"gate.weight": gate.to(dtype), "noise.weight": torch.zeros_like(gate, dtype=dtype)}
 
 
-register_router(
+ROUTERS.register(
     "noisy-topk",
     "Shazeer 2017, random start: for `cmoe finetune`",
     RouterKind(NoisyTopKRouter, noisy_topk_router_weights, training_free=False),
