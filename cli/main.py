@@ -17,6 +17,7 @@ from cmoe.carving import run_profile
 from cmoe.errors import CmoeError
 from cmoe.eval.perplexity import run_perplexity
 from cmoe.eval.routing import run_routing_eval
+from cmoe.export import EXPORT_FORMATS, run_export
 from cmoe.finetune import MIXTURES, FinetuneOptions, build_finetune_recipe
 from cmoe.finetune import finetune as finetune_from_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
@@ -25,7 +26,7 @@ from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
 from cmoe.recipes import PRESETS, Calibration, Compute, build_carve_recipe
 from cmoe.registry import Registry
-from cmoe.routers import ROUTERS
+from cmoe.routers import GATINGS, ROUTERS
 from cmoe.shape import MoEShape
 
 app = typer.Typer(
@@ -290,6 +291,10 @@ def carve(
             "tokens, routing fixed (closed form, no inference cost; sequential carving and --budget uniform only).",
         ),
     ] = None,
+    gating: Annotated[
+        Optional[str],
+        typer.Option("--gating", help=_choices(GATINGS, "How the selected experts are weighted (default cmoe).")),
+    ] = None,
     propagate: Annotated[
         Optional[str],
         typer.Option(
@@ -311,6 +316,17 @@ def carve(
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", help="Windows per forward batch (default 1).")
     ] = None,
+    export_format: Annotated[
+        Optional[str],
+        typer.Option(
+            "--format",
+            help=_choices(
+                EXPORT_FORMATS,
+                "Write a standard MoE checkpoint instead of cmoe's format, carving with the router and gating rule "
+                "it holds (linear-gate, its rule) unless given.",
+            ),
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Carve a dense model into a Mixture-of-Experts (shared + routed experts, training-free router)."""
@@ -329,10 +345,13 @@ def carve(
         "budget": budget,
         "refit_down": refit_down,
         "propagate": propagate,
+        "gating": gating,
     }
     calibration = {"source": data, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     compute = {"device": device, "dtype": dtype, "batch_size": batch_size}
-    recipe = build_carve_recipe(model, recipe_file, shape, preset, profile_file, options, calibration, compute)
+    recipe = build_carve_recipe(
+        model, recipe_file, shape, preset, profile_file, options, calibration, compute, export_format
+    )
     name = recipe.options.shape.name
     with _layer_progress(f"carve {name}") as on_layer:
         record = carve_from_recipe(recipe, output, overwrite, on_layer)
@@ -354,6 +373,24 @@ def _shape(config, shared, active, experts):
             raise CmoeError("--shared, --active and --experts must be given together")
         return MoEShape(shared, active, experts).validated()
     return MoEShape.parse(config) if config is not None else None
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Carved model directory (from `cmoe carve`).", show_default=False)],
+    export_format: Annotated[
+        str, typer.Option("--format", help=_choices(EXPORT_FORMATS, "The standard MoE architecture to write."))
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the exported model to.")],
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto (the carved model's), float32, bfloat16 or float16.")
+    ] = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export a carved model to a standard MoE architecture that transformers, vLLM, SGLang and llama.cpp load."""
+    with _layer_progress(f"export {export_format}") as on_layer:
+        record = run_export(model, export_format, output, dtype, overwrite, on_layer)
+    console.print(f"wrote {output} ({record['export']['model_type']}, {record['export']['dtype']})")
 
 
 @eval_app.command()

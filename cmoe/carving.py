@@ -9,6 +9,7 @@ import torch
 
 from cmoe.calibration import calibration_windows, load_text, tokenize_text
 from cmoe.errors import CmoeError
+from cmoe.export import export_model
 from cmoe.io.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions
 from cmoe.io.carved import mean_active_neurons, save_carved
 from cmoe.io.loading import PreparedModel, check_seqlen, load_model, load_tokenizer, prepare_model
@@ -161,7 +162,10 @@ def carve(recipe: CarveRecipe, output: Path, overwrite: bool = False, on_layer: 
         with timer.stage("save"):
             record["timings_s"] = timer.rounded()
             record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-            save_carved(carved, tokenizer, staging, record)
+            if recipe.export_format is None:
+                save_carved(carved, tokenizer, staging, record)
+            else:
+                export_model(carved, tokenizer, staging, recipe.export_format, record)
     return record
 
 

@@ -18,13 +18,14 @@ from cmoe.checks import (
     reject_unknown_keys,
 )
 from cmoe.errors import CmoeError
+from cmoe.export import EXPORT_FORMATS, check_options_exportable
 from cmoe.io.recipe_file import read_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
 from cmoe.registry import Registry
-from cmoe.routers import ROUTERS
+from cmoe.routers import GATINGS, ROUTERS
 from cmoe.shape import MoEShape
 
 PRESETS: Registry[dict] = Registry("preset", "--preset")
@@ -46,6 +47,7 @@ _CHOICES = {
     "budget": BUDGETS,
     "preset": PRESETS,
     "propagate": PROPAGATIONS,
+    "gating": GATINGS,
 }
 
 
@@ -68,6 +70,7 @@ class CarveOptions:
     seed: int = 0
     rescale: bool = False
     propagate: str = "carved"
+    gating: str = "cmoe"
 
     def __post_init__(self):
         if not isinstance(self.shape, MoEShape):
@@ -81,6 +84,12 @@ class CarveOptions:
         METHODS.get(self.method).check(self.method, self)
         if self.rescale and self.budget == "adaptive":
             raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget adaptive")
+        if self.gating != "cmoe" and self.budget == "adaptive":
+            raise CmoeError(
+                "--budget adaptive measures errors with every selected expert weighted 1: only with --gating cmoe"
+            )
+        if self.gating != "cmoe" and not ROUTERS.get(self.router).follows_gating:
+            raise CmoeError(f"--router {self.router} has its own gate: pass --gating cmoe or another router")
         if self.refit_down and self.budget == "adaptive":
             raise CmoeError(
                 "--refit-down fits each layer for its number of active experts, which --budget adaptive only fixes "
@@ -178,12 +187,15 @@ class CarveRecipe:
     calibration: Calibration | None = None
     profile: str | None = None
     compute: Compute = Compute()
+    export_format: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
             raise CmoeError("carve recipe: no `model` (the dense model to carve)")
         if (self.calibration is None) == (self.profile is None):
             raise CmoeError("carving needs calibration data (--data) or a profile (--profile), not both")
+        if self.export_format is not None:
+            check_options_exportable(self.options, self.export_format)
 
     def with_overrides(self, **values) -> "CarveRecipe":
         return replace(self, **given(values))
@@ -196,6 +208,7 @@ class CarveRecipe:
             "calibration": asdict(self.calibration) if self.calibration else None,
             "profile": self.profile,
             "compute": asdict(self.compute),
+            "export_format": self.export_format,
         }
 
     @classmethod
@@ -214,6 +227,7 @@ class CarveRecipe:
             calibration=Calibration(**calibration) if calibration else None,
             profile=values.get("profile"),
             compute=Compute(**compute),
+            export_format=values.get("export_format"),
         )
 
 
@@ -226,20 +240,25 @@ def build_carve_recipe(
     options: dict | None = None,
     calibration: dict | None = None,
     compute: dict | None = None,
+    export_format: str | None = None,
 ) -> CarveRecipe:
     """The recipe of a `cmoe carve` command line: built from the defaults, or replayed from a recipe file
     (`replay`, a file or an artifact directory). Values given here (None = not given) override, in this
-    order: the file or the defaults, then the preset's values, then each explicit option."""
+    order: the file or the defaults, then the preset's values, then what `export_format` needs (its linear
+    gate and gating rule), then each explicit option."""
     options, calibration, compute = given(options), given(calibration), given(compute)
+    if export_format is not None:
+        options = {"router": "linear-gate", "gating": EXPORT_FORMATS.get(export_format).gating, **options}
     profile = None if profile is None else str(profile)
     if replay is None:
         if model is None:
             raise CmoeError("give the dense MODEL to carve (or --recipe FILE to replay a carve)")
         carved = CarveOptions.resolved(shape or MoEShape.parse("S3A3E8"), preset or "reference", **options)
         data = None if profile else Calibration(**{"source": "wikitext2", **calibration})
-        return CarveRecipe(model, carved, data, profile, Compute(**compute))
+        return CarveRecipe(model, carved, data, profile, Compute(**compute), export_format)
     base = CarveRecipe.from_dict(read_recipe(replay).get("recipe"))
     carved = base.options.with_overrides(preset=preset, shape=shape, **options)
+    export_format = export_format or base.export_format
     data = base.calibration
     if profile is not None:
         data = None
@@ -250,4 +269,4 @@ def build_carve_recipe(
         data = Calibration(**calibration)
     else:
         profile = base.profile
-    return CarveRecipe(model or base.model, carved, data, profile, replace(base.compute, **compute))
+    return CarveRecipe(model or base.model, carved, data, profile, replace(base.compute, **compute), export_format)

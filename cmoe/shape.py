@@ -53,7 +53,7 @@ class MoEShape:
             raise CmoeError(f"{self.name}: {self.experts} experts exceed the FFN width ({intermediate_size} neurons)")
         return self
 
-    def layer_spec(self, intermediate_size: int, router: str) -> MoELayerSpec:
+    def layer_spec(self, intermediate_size: int, router: str, gating: str = "cmoe") -> MoELayerSpec:
         """The per-layer entry of a carved config (see CMoEConfig); leftovers join the shared block."""
         expert_size = intermediate_size // self.experts
         return MoELayerSpec(
@@ -62,4 +62,5 @@ class MoEShape:
             expert_size=expert_size,
             top_k=self.active,
             router=router,
+            gating=gating,
         )

@@ -86,7 +86,7 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
         (["carve", M, "-o", "{tmp}", *CAL], "already exists"),
         (["carve", "{gpt2}", "-o", "{out}", *CAL], "gated MLP"),
         (["profile", "{gpt2}", "-o", "{out}", *CAL], "gated MLP"),
-        (["eval", "perplexity", "{gpt2}", "--data", str(TINYSTORIES_VALID)], "gated MLP"),
+        (["eval", "perplexity", "{gpt2}", "--data", str(TINYSTORIES_VALID)], "decoder layers at model.layers"),
         (["eval", "perplexity", M, "--data", "{tmp}/short.txt", "--seqlen", "64"], "tokens"),
         (["eval", "perplexity", M, "--data", str(TINYSTORIES_VALID), "--max-windows", "0"], "--max-windows 0"),
         (["eval", "perplexity", M, "--data", str(TINYSTORIES_VALID), "--seqlen", "100000"], "maximum"),

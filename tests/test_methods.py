@@ -346,7 +346,7 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
             ["--method", "magic"],
             "--method magic: expected one of cmoe, random, clustering, sharing-inner, sharing-inter",
         ),
-        (["--router", "magic"], "--router magic: expected one of analytic, linear, noisy-topk"),
+        (["--router", "magic"], "--router magic: expected one of analytic, linear, linear-gate, noisy-topk"),
         (["--method", "random", "--config", "S1A1E8"], "--method random builds no shared expert: use S0"),
         (["--method", "sharing-inner", "--config", "S0A2E8", "--profile", "{out}.profile"], "needs a gradient pass"),
         (["--rescale", "--budget", "adaptive"], "not with --budget adaptive"),

@@ -188,4 +188,5 @@ def test_layer_spec_puts_leftovers_in_shared():
         "expert_size": 6,
         "top_k": 1,
         "router": "analytic",
+        "gating": "cmoe",
     }

@@ -55,6 +55,8 @@ def _random_block(spec: dict) -> CMoEBlock:
         {"num_experts": 6, "top_k": 2, "shared_size": 8, "expert_size": 4},
         {"num_experts": 6, "top_k": 0, "shared_size": 8, "expert_size": 4},
         {"num_experts": 4, "top_k": 3, "shared_size": 0, "expert_size": 5},
+        {"num_experts": 6, "top_k": 2, "shared_size": 8, "expert_size": 4, "gating": "softmax-renorm"},
+        {"num_experts": 6, "top_k": 3, "shared_size": 0, "expert_size": 4, "gating": "sigmoid-renorm"},
     ],
 )
 def test_pieces_reproduce_the_block_and_the_refit_recovers_other_down_weights(spec):

@@ -174,8 +174,8 @@ class MeanDirectionRouter(cmoe.Router):
         super().__init__(hidden_size, num_experts, top_k, hidden_act)
         self.directions = nn.Linear(hidden_size, num_experts, bias=False)
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return self.directions(nn.functional.normalize(x, dim=-1)).float().softmax(dim=-1)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.directions(nn.functional.normalize(x, dim=-1))
 
 
 def mean_direction_weights(dense, partition, stats, seed):

@@ -85,8 +85,9 @@ def is_gated_mlp(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, name, None), nn.Linear) for name in GATED_MLP_PARTS)
 
 
-def check_dense_gated(config: PreTrainedConfig, description: str) -> None:
-    """Fail unless every decoder layer has a gated MLP with gate_proj/up_proj/down_proj.
+def check_decoder_stack(config: PreTrainedConfig, description: str, gated: bool = True) -> None:
+    """Fail unless the model has decoder layers at `model.layers` (what the layer runner drives) and, with
+    `gated`, every one a gated MLP with gate_proj/up_proj/down_proj (what carving splits).
 
     The model is built on the meta device, so this costs no memory and reads no weights.
     """
@@ -98,8 +99,10 @@ def check_dense_gated(config: PreTrainedConfig, description: str) -> None:
     layers = getattr(getattr(skeleton, "model", None), "layers", None)
     expected = "decoder layers at model.layers with a gated MLP (mlp.gate_proj, mlp.up_proj, mlp.down_proj)"
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise CmoeError(f"{description} ({config.model_type}): expected {expected}")
-    for index, layer in enumerate(layers):
+        raise CmoeError(
+            f"{description} ({config.model_type}): expected {expected if gated else 'decoder layers at model.layers'}"
+        )
+    for index, layer in enumerate(layers if gated else ()):
         if not is_gated_mlp(getattr(layer, "mlp", None)):
             raise CmoeError(f"{description} ({config.model_type}): layer {index} has no gated MLP; expected {expected}")
 
@@ -151,8 +154,9 @@ class PreparedModel:
 
 
 def prepare_model(model: str, device: str, dtype: str, kind: str = "any") -> PreparedModel:
-    """Resolve and check MODEL for a command: `kind` is "dense" (refuse carved models), "carved" (refuse
-    dense ones) or "any"; dense models must have gated MLPs. Reads the config only."""
+    """Resolve and check MODEL for a command: `kind` is "dense" (a model to carve: gated MLPs, not carved),
+    "carved" (a cmoe model) or "any" (anything with a LLaMA-style decoder stack, e.g. an exported
+    Qwen2-MoE). Reads the config only."""
     source = resolve_source(model)
     config = load_config(source)
     if kind == "dense" and is_carved(config):
@@ -162,7 +166,7 @@ def prepare_model(model: str, device: str, dtype: str, kind: str = "any") -> Pre
             f"{model}: not a carved model (model_type {config.model_type!r}); carve it first with `cmoe carve`"
         )
     if not is_carved(config):
-        check_dense_gated(config, source.description)
+        check_decoder_stack(config, source.description, gated=kind == "dense")
     compute_device = resolve_device(device)
     return PreparedModel(source, config, compute_device, resolve_dtype(dtype, compute_device, config))
 

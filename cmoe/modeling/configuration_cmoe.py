@@ -9,17 +9,22 @@ from dataclasses import asdict, dataclass, fields
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# The gating rules modeling_cmoe.select_experts implements.
+GATING_RULES = ("cmoe", "softmax-renorm", "sigmoid-renorm")
+
 
 @dataclass(frozen=True)
 class MoELayerSpec:
     """One carved layer: the always-on shared block's width (0 for none), `num_experts` routed experts
-    of `expert_size` neurons, `top_k` of them selected per token, by the router registered as `router`."""
+    of `expert_size` neurons, `top_k` of them selected per token, by the router registered as `router`,
+    weighted by the gating rule `gating` (see modeling_cmoe.select_experts)."""
 
     shared_size: int
     num_experts: int
     expert_size: int
     top_k: int
     router: str = "analytic"
+    gating: str = "cmoe"
 
     def __post_init__(self):
         for name in ("shared_size", "num_experts", "expert_size", "top_k"):
@@ -30,6 +35,10 @@ class MoELayerSpec:
             raise ValueError(f"MoE layer spec: needs at least one routed expert of at least one neuron, got {self}")
         if self.top_k > self.num_experts:
             raise ValueError(f"MoE layer spec: top_k {self.top_k} exceeds the {self.num_experts} routed experts")
+        if self.gating not in GATING_RULES:
+            raise ValueError(
+                f"MoE layer spec: unknown gating {self.gating!r}, expected one of {', '.join(GATING_RULES)}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> "MoELayerSpec":

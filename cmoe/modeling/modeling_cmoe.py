@@ -39,36 +39,62 @@ class Routing(NamedTuple):
     probs: torch.Tensor
 
 
-def select_experts(probs: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, top_k: int) -> Routing:
-    """CMoE's selection: top-k of `probs + bias` (the bias only steers selection), gate `1 + p * scale`."""
+def routing_probabilities(logits: torch.Tensor, gating: str) -> torch.Tensor:
+    """(T, E) fp32 scores the selection reads: sigmoid of the logits for `sigmoid-renorm`, softmax otherwise."""
+    logits = logits.float()
+    return logits.sigmoid() if gating == "sigmoid-renorm" else logits.softmax(dim=-1)
+
+
+def select_experts(logits: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, top_k: int, gating: str) -> Routing:
+    """Top-k of `p + bias` (the bias only steers selection), then the gate values of the rule:
+    `cmoe`: 1 + p * scale (CMoE; exactly 1 while the scale is zero); `softmax-renorm` (Qwen2-MoE, Mixtral,
+    Ernie) and `sigmoid-renorm` (GLM4-MoE, DeepSeek-V3): the selected p renormalised to sum to 1."""
+    probs = routing_probabilities(logits, gating)
     indices = (probs + bias.float()).topk(top_k, dim=-1).indices
-    weights = 1.0 + probs.gather(-1, indices) * scale.float()[indices]
+    chosen = probs.gather(-1, indices)
+    if gating == "cmoe":
+        weights = 1.0 + chosen * scale.float()[indices]
+    elif gating == "softmax-renorm":
+        weights = chosen / chosen.sum(dim=-1, keepdim=True)
+    else:  # sigmoid scores can all vanish: the 1e-20 is GLM4-MoE's and DeepSeek-V3's, kept for exactness
+        weights = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20)
     return Routing(indices, weights, probs)
 
 
 class Router(nn.Module):
-    """What every router shares: `top_k`, the gate scale `scale` (u in the paper, trained by
-    `cmoe finetune`) and the balancing bias `bias` (b, a buffer that only steers selection), both zero
-    at the start, and CMoE's selection (top-k of `p + b`, gate `1 + p * u`). A subclass says how it
-    scores tokens (`probabilities`); one that selects differently overrides `forward`.
+    """What every router shares: `top_k`, the gating rule `gating` (see select_experts; set from the
+    layer's spec), the gate scale `scale` (u in the paper, trained by `cmoe finetune`) and the balancing
+    bias `bias` (b, a buffer that only steers selection), both zero at the start, and the selection. A
+    subclass says how it scores tokens (`logits`); one that selects differently overrides `forward`.
 
-    `FINETUNED` names the parameters `cmoe finetune` trains at the router learning rate.
+    `FINETUNED` names the parameters `cmoe finetune` trains at the router learning rate under the `cmoe`
+    rule; under a renormalising rule the scale has no effect, and its scoring weights train instead.
     """
 
     FINETUNED = ("scale",)
 
+    def finetuned_names(self) -> tuple[str, ...]:
+        if self.gating == "cmoe":
+            return self.FINETUNED
+        return tuple(name for name, _ in self.named_parameters() if name != "scale")
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, hidden_act: str):
         super().__init__()
         self.top_k = top_k
+        self.gating = "cmoe"
         self.scale = nn.Parameter(torch.zeros(num_experts))
         self.register_buffer("bias", torch.zeros(num_experts))
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, E) fp32 routing probabilities."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E) routing scores before the rule's softmax or sigmoid."""
         raise NotImplementedError
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E) fp32 routing probabilities (what selection ranks, before the bias)."""
+        return routing_probabilities(self.logits(x), self.gating)
+
     def forward(self, x: torch.Tensor) -> Routing:
-        return select_experts(self.probabilities(x), self.bias, self.scale, self.top_k)
+        return select_experts(self.logits(x), self.bias, self.scale, self.top_k, self.gating)
 
 
 class AnalyticRouter(Router):
@@ -82,8 +108,8 @@ class AnalyticRouter(Router):
         self.up_proj = nn.Linear(hidden_size, num_experts, bias=False)
         self.act_fn = ACT2FN[hidden_act]
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.act_fn(self.gate_proj(x)) * self.up_proj(x)).abs().float().softmax(dim=-1)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.act_fn(self.gate_proj(x)) * self.up_proj(x)).abs()
 
 
 class LinearRouter(Router):
@@ -94,8 +120,20 @@ class LinearRouter(Router):
         super().__init__(hidden_size, num_experts, top_k, hidden_act)
         self.proj = nn.Linear(hidden_size, num_experts, bias=True)
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).float().softmax(dim=-1)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class LinearGateRouter(Router):
+    """A linear gate without intercept (`gate`), fitted in closed form like LinearRouter: the router every
+    standard MoE format holds (Qwen2-MoE's `mlp.gate`, Mixtral's `block_sparse_moe.gate`, ...)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, hidden_act: str):
+        super().__init__(hidden_size, num_experts, top_k, hidden_act)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x)
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -137,8 +175,8 @@ class NoisyTopKRouter(Router):
         self.noise = nn.Linear(hidden_size, num_experts, bias=False)
         self.balance_loss: torch.Tensor | None = None
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate(x).float().softmax(dim=-1)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x)
 
     def forward(self, x: torch.Tensor) -> Routing:
         clean = self.gate(x).float() + self.bias.float()
@@ -165,16 +203,21 @@ class NoisyTopKRouter(Router):
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "analytic": AnalyticRouter,
     "linear": LinearRouter,
+    "linear-gate": LinearGateRouter,
     "noisy-topk": NoisyTopKRouter,
 }
 
 
 def finetuned_router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What `cmoe finetune` trains as router parameters (at --router-lr): each router's `FINETUNED`
-    names, i.e. every scale u, plus the gate and noise weights of a router that starts random."""
+    """What `cmoe finetune` trains as router parameters (at --router-lr): each router's `finetuned_names`,
+    i.e. every scale u (plus the gate and noise weights of a router that starts random) under the `cmoe`
+    rule, the scoring weights under a renormalising rule."""
     routers = [module for module in model.modules() if isinstance(module, Router)]
     return [
-        parameter for router in routers for name, parameter in router.named_parameters() if name in router.FINETUNED
+        parameter
+        for router in routers
+        for name, parameter in router.named_parameters()
+        if name in router.finetuned_names()
     ]
 
 
@@ -193,6 +236,7 @@ class CMoEBlock(nn.Module):
         self.shared = SwiGLU(hidden_size, spec.shared_size, hidden_act) if spec.shared_size > 0 else None
         self.experts = nn.ModuleList(SwiGLU(hidden_size, spec.expert_size, hidden_act) for _ in range(self.num_experts))
         self.router = ROUTER_CLASSES[spec.router](hidden_size, self.num_experts, spec.top_k, hidden_act)
+        self.router.gating = spec.gating
 
     @property
     def top_k(self) -> int:
@@ -321,6 +365,7 @@ __all__ = [
     "CMoEBlock",
     "AnalyticRouter",
     "LinearRouter",
+    "LinearGateRouter",
     "NoisyTopKRouter",
     "Router",
     "SwiGLU",

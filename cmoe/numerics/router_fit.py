@@ -19,3 +19,14 @@ def fit_linear_router(
     penalty = ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     solution = torch.linalg.solve(gram + penalty, target)
     return solution[:-1].T.contiguous(), solution[-1].contiguous()
+
+
+def fit_linear_gate(
+    input_gram: torch.Tensor, input_target: torch.Tensor, experts: torch.Tensor, ridge: float = ROUTER_RIDGE
+) -> torch.Tensor:
+    """The same ridge regression without intercept (the gate standard MoE formats hold): the constant
+    column of the statistics is dropped. Returns the weight (E, d)."""
+    gram = input_gram.double()[:-1, :-1]
+    target = input_target.double()[:-1][:, experts].sum(dim=-1)
+    penalty = ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + penalty, target).T.contiguous()

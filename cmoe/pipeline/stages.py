@@ -264,7 +264,7 @@ def carve_block(
     method = METHODS.get(options.method)
     partition = method(stats, options, dense=dense, importance=importance, layer=layer)
     check_partition(partition, stats.num_neurons, method.overlapping)
-    spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router)
+    spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router, options.gating)
     return build_block(dense, partition, spec, hidden_act, stats, seed=layer_seed(options.seed, layer))
 
 
@@ -290,7 +290,7 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
 def as_carved_model(dense_model: nn.Module, options: CarveOptions) -> CMoEForCausalLM:
     """Wrap the dense model's modules (MLPs already replaced) in the carved architecture, sharing weights."""
     text_config = dense_model.config
-    spec = options.shape.layer_spec(text_config.intermediate_size, options.router)
+    spec = options.shape.layer_spec(text_config.intermediate_size, options.router, options.gating)
     specs = [replace(spec, top_k=layer.mlp.top_k) for layer in decoder_of(dense_model).layers]
     config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=specs)
     with torch.device("meta"):

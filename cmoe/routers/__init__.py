@@ -7,6 +7,7 @@ the modeling code's table, so carved models load), from anywhere: see README, Ex
 """
 
 from cmoe.routers.base import ROUTERS, RouterBuilder, RouterKind
-from cmoe.routers import analytic, linear, noisy_topk  # noqa: F401  (each registers its router)
+from cmoe.routers import analytic, linear, linear_gate, noisy_topk  # noqa: F401  (each registers its router)
+from cmoe.routers.gating import GATINGS
 
-__all__ = ["ROUTERS", "RouterBuilder", "RouterKind"]
+__all__ = ["GATINGS", "ROUTERS", "RouterBuilder", "RouterKind"]

@@ -19,12 +19,14 @@ class RouterKind:
     """`module`: the Router subclass a carved layer holds; `build(dense, partition, stats, seed)`: its
     weights (every tensor of its state dict but `scale` and `bias`, which start at zero); `needs`: the
     optional statistics (see ActivationStats) the builder reads; `training_free`: usable without
-    `cmoe finetune`."""
+    `cmoe finetune`; `follows_gating`: the module weights experts by the layer's gating rule (a router
+    with its own gate, like noisy top-k, does not)."""
 
     module: type[Router]
     build: RouterBuilder
     needs: tuple[str, ...] = ()
     training_free: bool = True
+    follows_gating: bool = True
 
     def __post_init__(self):
         if not (isinstance(self.module, type) and issubclass(self.module, Router)):

@@ -21,5 +21,5 @@ def noisy_topk_router_weights(dense: nn.Module, partition: Partition, stats: Act
 ROUTERS.register(
     "noisy-topk",
     "Shazeer 2017, random start: for `cmoe finetune`",
-    RouterKind(NoisyTopKRouter, noisy_topk_router_weights, training_free=False),
+    RouterKind(NoisyTopKRouter, noisy_topk_router_weights, training_free=False, follows_gating=False),
 )

@@ -1,0 +1,220 @@
+"""The export-format registry and what every format shares: the checks, the attention and embedding
+tensors, and the layer-by-layer sharded writer.
+
+A format turns a carved model into a standard MoE checkpoint that transformers, vLLM, SGLang and
+llama.cpp load natively (no `auto_map`, no custom code). Exact means: the exported model computes the
+carved one's logits (tests compare them in a process where cmoe cannot be imported).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from cmoe.errors import CmoeError
+from cmoe.modeling.configuration_cmoe import MoELayerSpec
+from cmoe.modeling.modeling_cmoe import CMoEBlock, LinearGateRouter
+from cmoe.registry import Registry
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A standard MoE architecture: its `model_type`, the gating rule it weights experts by, whether it
+    holds a shared block, dense layers ("any", "leading" or "none"), a selection bias, and whether its
+    engines need an explicit LM head even when the embeddings are tied; `config(view)` its config,
+    `layer(view, index)` one decoder layer's tensors under its names, `extra_check(view)` what else it
+    cannot hold."""
+
+    model_type: str
+    gating: str
+    config: Callable[["CarvedView"], dict]
+    layer: Callable[["CarvedView", int], dict[str, torch.Tensor]]
+    shared_block: bool = True
+    dense_layers: str = "any"
+    selection_bias: bool = False
+    untied_head: bool = False
+    extra_check: Callable[["CarvedView"], None] = lambda view: None
+
+
+EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format", "--format")
+
+
+@dataclass
+class CarvedView:
+    """A carved model as the exporters read it: its text config, its one MoE spec, its layers."""
+
+    model: nn.Module
+    fmt: str
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def specs(self) -> list[MoELayerSpec | None]:
+        return self.model.config.layer_specs
+
+    @property
+    def spec(self) -> MoELayerSpec:
+        return next(spec for spec in self.specs if spec is not None)
+
+    @property
+    def dense_layers(self) -> list[int]:
+        return [index for index, spec in enumerate(self.specs) if spec is None]
+
+    def refuse(self, why: str, fix: str) -> None:
+        raise CmoeError(f"--format {self.fmt} cannot hold this carve: {why}; {fix}")
+
+
+def check_exportable(view: CarvedView, fmt: ExportFormat) -> None:
+    """Every reason, in one line with the option that fixes it, why `fmt` cannot hold the carve exactly."""
+    text = view.text_config
+    if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False):
+        view.refuse("the dense model has attention or MLP biases", "export a model without them")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head_dim * text.num_attention_heads != text.hidden_size:
+        view.refuse(
+            f"head_dim {head_dim} x {text.num_attention_heads} heads is not the hidden size", "keep cmoe's format"
+        )
+    carved = [spec for spec in view.specs if spec is not None]
+    if not carved:
+        view.refuse("no layer is carved", "carve the model first")
+    if any(spec != view.spec for spec in carved):
+        view.refuse(
+            "its layers differ (per-layer top-k or widths)", "carve with --budget uniform (one top-k for all layers)"
+        )
+    spec = view.spec
+    if view.dense_layers and fmt.dense_layers == "none":
+        view.refuse("it keeps dense layers", "carve every layer")
+    if fmt.dense_layers == "leading" and view.dense_layers != list(range(len(view.dense_layers))):
+        view.refuse("its dense layers are not all at the start", "carve every layer after the first dense ones")
+    if spec.shared_size and not fmt.shared_block:
+        view.refuse(f"it has a shared block of {spec.shared_size} neurons", "carve with S0 (no shared experts)")
+    for index, layer in enumerate(view.layers):
+        block = layer.mlp
+        if not isinstance(block, CMoEBlock):
+            continue
+        router = block.router
+        if not isinstance(router, LinearGateRouter):
+            view.refuse(
+                f"its router is {spec.router}, which the format's linear gate cannot compute",
+                "carve with --router linear-gate",
+            )
+        if bool(router.bias.any()) and not (fmt.selection_bias and spec.gating == fmt.gating):
+            view.refuse(f"layer {index} has a balancing bias the format lacks", "fine-tune with --bias-speed 0")
+        same_rule = spec.gating == fmt.gating
+        if not same_rule and not (spec.top_k == 1 and not bool(router.bias.any())):
+            view.refuse(
+                f"its experts are weighted by the {spec.gating} rule at k={spec.top_k}",
+                f"carve with --gating {fmt.gating}",
+            )
+        if spec.gating == "cmoe" and bool(router.scale.any()):
+            view.refuse(f"layer {index}'s trained scale u has no place in the format", "fine-tune with --freeze-router")
+    fmt.extra_check(view)
+
+
+def check_options_exportable(options, fmt_name: str) -> None:
+    """Before carving with `--format`: the options' own reasons the format could not hold the result."""
+    fmt = EXPORT_FORMATS.get(fmt_name)
+
+    def refuse(why: str, fix: str) -> None:
+        raise CmoeError(f"--format {fmt_name} cannot hold this carve: {why}; {fix}")
+
+    if options.router != "linear-gate":
+        refuse(f"--router {options.router} is not the format's linear gate", "pass --router linear-gate")
+    if options.budget != "uniform":
+        refuse("--budget adaptive gives each layer its own top-k", "pass --budget uniform")
+    if options.shape.shared and not fmt.shared_block:
+        refuse(f"{options.shape.name} has shared experts", "carve with S0 (no shared experts)")
+    if options.gating != fmt.gating and options.shape.active != 1:
+        refuse(f"--gating {options.gating} at k={options.shape.active}", f"pass --gating {fmt.gating}")
+
+
+def attention_tensors(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A LLaMA decoder layer's attention and norms under the names LLaMA-derived formats share."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    tensors = {f"{prefix}.{name}.weight": getattr(layer.self_attn, name.split(".")[1]).weight for name in names}
+    tensors[f"{prefix}.input_layernorm.weight"] = layer.input_layernorm.weight
+    tensors[f"{prefix}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+    return tensors
+
+
+def swiglu_tensors(mlp: nn.Module, prefix: str, names=("gate_proj", "up_proj", "down_proj")) -> dict[str, torch.Tensor]:
+    """A SwiGLU MLP's gate/up/down weights under `prefix`, named as the format names them."""
+    return {
+        f"{prefix}.{name}.weight": getattr(mlp, part).weight
+        for part, name in zip(("gate_proj", "up_proj", "down_proj"), names)
+    }
+
+
+def common_config(view: CarvedView) -> dict:
+    """The config fields every LLaMA-derived MoE format takes from the dense text config."""
+    text = view.text_config
+    names = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    values = {name: getattr(text, name, None) for name in names}
+    values["rope_parameters"] = dict(text.rope_parameters) if getattr(text, "rope_parameters", None) else None
+    values["tie_word_embeddings"] = bool(text.tie_word_embeddings)
+    return values
+
+
+def write_sharded(
+    directory: Path, view: CarvedView, fmt: ExportFormat, dtype: torch.dtype | None, on_layer=None
+) -> dict[str, str]:
+    """One safetensors shard per decoder layer (written as soon as it is mapped) plus one for the
+    embeddings, final norm and LM head, and the index that maps every tensor to its shard."""
+    layers = len(view.layers)
+    total = layers + 1
+    weight_map: dict[str, str] = {}
+    size = 0
+
+    def shard(number: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal size
+        name = f"model-{number:05d}-of-{total:05d}.safetensors"
+        plain = {key: _plain(tensor, dtype) for key, tensor in tensors.items()}
+        save_file(plain, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(plain, name))
+        size += sum(tensor.numel() * tensor.element_size() for tensor in plain.values())
+
+    for index in range(layers):
+        shard(index + 1, fmt.layer(view, index))
+        if on_layer:
+            on_layer(index + 1, layers)
+    top = {
+        "model.embed_tokens.weight": view.model.model.embed_tokens.weight,
+        "model.norm.weight": view.model.model.norm.weight,
+    }
+    if not view.text_config.tie_word_embeddings or fmt.untied_head:
+        top["lm_head.weight"] = view.model.lm_head.weight
+    shard(total, top)
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
+
+
+def _plain(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A detached, contiguous CPU copy (shared storage, e.g. tied weights, must not reach safetensors)."""
+    tensor = tensor.detach().to("cpu")
+    return (tensor.to(dtype) if dtype is not None else tensor).contiguous().clone()
