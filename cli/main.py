@@ -295,6 +295,15 @@ def carve(
         Optional[str],
         typer.Option("--gating", help=_choices(GATINGS, "How the selected experts are weighted (default cmoe).")),
     ] = None,
+    flat_gate: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--flat-gate/--no-flat-gate",
+            help="Under a renormalising --gating, weight every selected expert about 1 (as the cmoe rule does): "
+            "the linear router's logits scaled down, the routed experts' outputs up by k (default on with "
+            "--format, else off).",
+        ),
+    ] = None,
     propagate: Annotated[
         Optional[str],
         typer.Option(
@@ -346,6 +355,7 @@ def carve(
         "refit_down": refit_down,
         "propagate": propagate,
         "gating": gating,
+        "flat_gate": flat_gate,
     }
     calibration = {"source": data, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     compute = {"device": device, "dtype": dtype, "batch_size": batch_size}

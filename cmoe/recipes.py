@@ -71,6 +71,7 @@ class CarveOptions:
     rescale: bool = False
     propagate: str = "carved"
     gating: str = "cmoe"
+    flat_gate: bool = False
 
     def __post_init__(self):
         if not isinstance(self.shape, MoEShape):
@@ -90,6 +91,11 @@ class CarveOptions:
             )
         if self.gating != "cmoe" and not ROUTERS.get(self.router).follows_gating:
             raise CmoeError(f"--router {self.router} has its own gate: pass --gating cmoe or another router")
+        if self.flat_gate and (self.gating == "cmoe" or self.router not in ("linear", "linear-gate")):
+            raise CmoeError(
+                "--flat-gate scales a linear router's logits under a renormalising rule: pass --gating "
+                "softmax-renorm or sigmoid-renorm and --router linear-gate (or linear)"
+            )
         if self.refit_down and self.budget == "adaptive":
             raise CmoeError(
                 "--refit-down fits each layer for its number of active experts, which --budget adaptive only fixes "
@@ -248,7 +254,9 @@ def build_carve_recipe(
     gate and gating rule), then each explicit option."""
     options, calibration, compute = given(options), given(calibration), given(compute)
     if export_format is not None:
-        options = {"router": "linear-gate", "gating": EXPORT_FORMATS.get(export_format).gating, **options}
+        gating = options.get("gating", EXPORT_FORMATS.get(export_format).gating)
+        defaults = {"router": "linear-gate", "gating": gating, "flat_gate": gating != "cmoe"}
+        options = {**defaults, **options}
     profile = None if profile is None else str(profile)
     if replay is None:
         if model is None:

@@ -203,3 +203,22 @@ def test_glm4_moe_holds_a_balancing_bias_qwen2_moe_refuses_it(tmp_path):
     assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
     with pytest.raises(cmoe.CmoeError, match="balancing bias"):
         export_model(carved, tokenizer, tmp_path / "qwen", "qwen2-moe", {})
+
+
+def test_flat_gate_weights_every_selected_expert_about_one_and_is_the_format_default(tmp_path):
+    recipe = cmoe.recipes.build_carve_recipe("model", shape=MoEShape.parse("S1A2E8"), export_format="qwen2-moe")
+    assert (recipe.options.router, recipe.options.gating, recipe.options.flat_gate) == (
+        "linear-gate",
+        "softmax-renorm",
+        True,
+    )
+    flat = cmoe.load_carved(carve(tmp_path / "flat", "S1A2E8", "qwen2-moe", flat_gate=True))
+    plain = cmoe.load_carved(carve(tmp_path / "plain", "S1A2E8", "qwen2-moe"))
+    x = 0.01 * torch.randn(64, 128, generator=torch.Generator().manual_seed(0))  # no softmax underflow ties
+    flat_routing, plain_routing = flat.model.layers[0].mlp.router(x), plain.model.layers[0].mlp.router(x)  # same input
+    assert torch.equal(flat_routing.indices, plain_routing.indices)
+    assert torch.allclose(flat_routing.weights, torch.full_like(flat_routing.weights, 0.5), atol=5e-3)
+    expert, reference = flat.model.layers[0].mlp.experts[0], plain.model.layers[0].mlp.experts[0]
+    assert torch.allclose(expert.down_proj.weight, 2 * reference.down_proj.weight)
+    with pytest.raises(cmoe.CmoeError, match="--flat-gate"):
+        CarveOptions(MoEShape.parse("S1A2E8"), flat_gate=True)
