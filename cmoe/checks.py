@@ -63,3 +63,12 @@ def check_dtype_name(name) -> None:
 def given(values: dict | None) -> dict:
     """The entries whose value is not None: the options given explicitly."""
     return {name: value for name, value in (values or {}).items() if value is not None}
+
+
+def recipe_fields(values, kind: str, cls) -> dict:
+    """The fields of a saved recipe of `kind` ("carve", "finetune"), refusing another kind or unknown keys."""
+    if not isinstance(values, dict) or values.get("kind") != kind:
+        raise CmoeError(f"not a {kind} recipe (expected `kind: {kind}`)")
+    fields_only = {name: value for name, value in values.items() if name != "kind"}
+    reject_unknown_keys(cls, fields_only, f"{kind} recipe")
+    return fields_only

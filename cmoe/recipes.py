@@ -15,6 +15,7 @@ from cmoe.checks import (
     check_integer,
     given,
     portable_text_source,
+    recipe_fields,
     reject_unknown_keys,
 )
 from cmoe.errors import CmoeError
@@ -219,10 +220,7 @@ class CarveRecipe:
 
     @classmethod
     def from_dict(cls, values: dict) -> "CarveRecipe":
-        if not isinstance(values, dict) or values.get("kind") != "carve":
-            raise CmoeError("not a carve recipe (expected `kind: carve`)")
-        values = {name: value for name, value in values.items() if name != "kind"}
-        reject_unknown_keys(cls, values, "carve recipe")
+        values = recipe_fields(values, "carve", cls)
         calibration = values.get("calibration")
         compute = values.get("compute") or {}
         for part, cls_ in ((calibration or {}, Calibration), (compute, Compute)):

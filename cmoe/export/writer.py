@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from cmoe.errors import CmoeError
+from cmoe.checks import check_dtype_name
 from cmoe.export.base import EXPORT_FORMATS, CarvedView, check_exportable, write_sharded
 from cmoe.io.artifacts import atomic_output, check_output_path, command_line, versions
 from cmoe.io.carved import load_carved
@@ -50,8 +50,7 @@ def run_export(
     EXPORT_FORMATS.check(fmt_name)
     check_output_path(output, overwrite)
     prepared = prepare_model(carved, "cpu", "auto", kind="carved")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise CmoeError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
+    check_dtype_name(dtype)
     location = Path(prepared.source.location)
     record = read_recipe(location) if has_recipe(location) else {}
     model = load_carved(location)

@@ -20,6 +20,7 @@ from cmoe.checks import (
     given,
     portable_location,
     portable_text_source,
+    recipe_fields,
     reject_unknown_keys,
 )
 from cmoe.errors import CmoeError
@@ -227,10 +228,7 @@ class FinetuneRecipe:
 
     @classmethod
     def from_dict(cls, values: dict) -> "FinetuneRecipe":
-        if not isinstance(values, dict) or values.get("kind") != "finetune":
-            raise CmoeError("not a finetune recipe (expected `kind: finetune`)")
-        values = {name: value for name, value in values.items() if name != "kind"}
-        reject_unknown_keys(cls, values, "finetune recipe")
+        values = recipe_fields(values, "finetune", cls)
         data = values.get("data") or []
         for entry in data:
             if not isinstance(entry, dict):

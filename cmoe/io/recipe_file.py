@@ -24,9 +24,15 @@ def write_recipe(directory: Path, record: dict) -> None:
     (directory / RECIPE_FILE).write_text(recipe_text(record))
 
 
+def artifact_recipe_path(directory: Path) -> Path:
+    """The record file of an artifact directory: the YAML one, or an older artifact's JSON one."""
+    legacy = directory / LEGACY_RECIPE_FILE
+    return legacy if legacy.is_file() and not (directory / RECIPE_FILE).is_file() else directory / RECIPE_FILE
+
+
 def has_recipe(directory: str | Path) -> bool:
-    """Whether an artifact directory carries a record (the YAML one, or an older artifact's JSON one)."""
-    return any((Path(directory) / name).is_file() for name in (RECIPE_FILE, LEGACY_RECIPE_FILE))
+    """Whether an artifact directory carries a record."""
+    return artifact_recipe_path(Path(directory)).is_file()
 
 
 def read_recipe(path: str | Path) -> dict:
@@ -34,8 +40,7 @@ def read_recipe(path: str | Path) -> dict:
     JSON record too: YAML reads JSON)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        legacy = path / LEGACY_RECIPE_FILE
-        path = legacy if legacy.is_file() and not (path / RECIPE_FILE).is_file() else path / RECIPE_FILE
+        path = artifact_recipe_path(path)
     if not path.is_file():
         raise CmoeError(f"{path}: no such recipe file")
     try:
