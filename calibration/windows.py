@@ -37,6 +37,17 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     return torch.stack([tokens[start : start + seqlen] for start in starts])
 
 
+def check_fits_text(nsamples: int, seqlen: int, available: int, unit: str) -> None:
+    """A command's calibration never asks for more tokens than its text holds (windows may overlap, but a
+    larger request is a mistake, and would take minutes to cut): checked on characters before
+    tokenising (a token spans at least one character), then on the tokens."""
+    if nsamples * seqlen > available:
+        raise CmoeError(
+            f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen} tokens, more than the calibration "
+            f"text's {available} {unit}: use fewer or shorter windows, or a longer text"
+        )
+
+
 def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """GPTQ's perplexity protocol: consecutive non-overlapping windows from the start, the partial tail dropped."""
     if seqlen < 1 or (max_windows is not None and max_windows < 1):

@@ -1,13 +1,15 @@
 """The `cmoe` command line: parses options, shows progress, calls the library."""
 
 import json
+import logging
 import os
+import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,6 +22,7 @@ from cmoe.eval.routing import run_routing_eval
 from cmoe.export import EXPORT_FORMATS, run_export
 from cmoe.finetune import MIXTURES, FinetuneOptions, build_finetune_recipe
 from cmoe.finetune import finetune as finetune_from_recipe
+from cmoe.io.artifacts import ABANDONED
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.pipeline.sequential import PROPAGATIONS
@@ -108,29 +111,48 @@ def _root(
     """Read by `main` from the arguments before parsing; declared here for --help."""
 
 
+class _Progress:
+    """Progress of a long loop, shown from its first report (so that input errors, found before any
+    heavy work, print nothing but their one line): a rich bar on a terminal; otherwise (a log file, a CI
+    job) one plain line per report, at most one every `every` steps, and always the last."""
+
+    def __init__(self, columns: tuple, every: int = 1):
+        self.bar = Progress(*columns, console=console) if console.is_terminal else None
+        self.every = every
+        self.task = None
+        self.started = time.perf_counter()
+
+    def update(self, done: int, total: int, description: str, **fields) -> None:
+        if self.bar is None:
+            if done % self.every == 0 or done == total:
+                elapsed = time.perf_counter() - self.started
+                extra = "".join(f" {value}" for value in fields.values() if isinstance(value, str))
+                console.print(f"{description}{extra} ({elapsed:.0f} s)", highlight=False, soft_wrap=True)
+            return
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task(description, total=total, **fields)
+        self.bar.update(self.task, completed=done, total=total, description=description, **fields)
+
+    def stop(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.stop()
+
+
 @contextmanager
 def _layer_progress(label: str) -> Iterator:
-    """A rich progress bar for a per-layer loop, shown from the loop's first report (so that input
-    errors, found before any heavy work, print nothing but their one line); yields the callback."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
+    """Progress of a per-layer loop, labelled `LABEL layer i/N`; yields the callback."""
+    progress = _Progress(
+        (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
     )
-    progress = Progress(*columns, console=console)
-    task = None
-
-    def on_layer(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            progress.start()
-            task = progress.add_task(label, total=total)
-        progress.update(task, completed=done, total=total, description=f"{label} layer {done}/{total}")
-
     try:
-        yield on_layer
+        yield lambda done, total: progress.update(done, total, f"{label} layer {done}/{total}")
     finally:
         progress.stop()
 
@@ -382,7 +404,12 @@ def _shape(config, shared, active, experts):
         if any(count is None for count in counts):
             raise CmoeError("--shared, --active and --experts must be given together")
         return MoEShape(shared, active, experts).validated()
-    return MoEShape.parse(config) if config is not None else None
+    if config is None:
+        return None
+    shape = MoEShape.parse(config)
+    if config != shape.name:
+        console.print(f"note: read --config {config} as {shape.name}", highlight=False)
+    return shape
 
 
 @app.command()
@@ -474,28 +501,26 @@ def routing(
 
 @contextmanager
 def _training_progress() -> Iterator:
-    """A rich progress bar over optimizer steps with loss, tokens/s and ETA, shown from the first step."""
+    """Progress over optimizer steps with loss, tokens/s and ETA (plain lines every 10 steps off a terminal)."""
     columns = (
         TextColumn("finetune"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[losses]}"),
-        TextColumn("{task.fields[speed]:.0f} tok/s"),
+        TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    progress = Progress(*columns, console=console)
-    task = None
+    progress = _Progress(columns, every=10)
 
     def on_step(report) -> None:
-        nonlocal task
         losses = f"loss {report.loss:.4f}" + (
             "" if report.balance_loss is None else f" balance {report.balance_loss:.4f}"
         )
-        if task is None:
-            progress.start()
-            task = progress.add_task("finetune", total=report.total, losses=losses, speed=report.tokens_per_second)
-        progress.update(task, completed=report.step, total=report.total, losses=losses, speed=report.tokens_per_second)
+        speed = f"{report.tokens_per_second:.0f} tok/s"
+        progress.update(
+            report.step, report.total, f"finetune step {report.step}/{report.total}", losses=losses, speed=speed
+        )
 
     try:
         yield on_step
@@ -759,36 +784,89 @@ def finetune(
     )
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread (not a KeyboardInterrupt, which the CLI framework
+    would turn into a silent exit code)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame) -> None:
+    """First signal: unwind (temporary outputs are removed on the way). A second one ends at once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+# Typer vendors click: its exceptions are not the installed click's. Found through a public class.
+_CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+_USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit 2; tracebacks only with --debug or CMOE_DEBUG=1."""
+    """Entry point. Bad input: one line, exit 2 (usage errors add the usage line). Ctrl-C / SIGTERM:
+    one line saying what was kept, exit 130 / 143. Anything else: one line, exit 1. Tracebacks only with
+    --debug or CMOE_DEBUG=1."""
     args = sys.argv[1:] if argv is None else argv
-    _quiet_libraries()
     debug = "--debug" in args or os.environ.get("CMOE_DEBUG", "") not in ("", "0")
+    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app(args=args, prog_name="cmoe", standalone_mode=False)
+        _quiet_libraries()
+        code = app(args=args, prog_name="cmoe", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except Interrupted as interrupt:
+        _interrupted(interrupt.signum)
     except CmoeError as error:
         if debug:
             raise
         _fail(str(error), 2)
-    except click.exceptions.ClickException as error:
-        _fail(f"{error.format_message()} (see cmoe --help)", error.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("interrupted")
-        sys.exit(130)
+    except _USAGE_ERROR as error:
+        if error.ctx is not None:
+            console.print(error.ctx.get_usage(), highlight=False, soft_wrap=True)
+        _fail(f"{error.format_message()} (see cmoe --help)", 2)
+    except _CLICK_ERROR as error:
+        _fail(f"{error.format_message()} (see cmoe --help)", 2)
     except Exception as error:  # the CLI's last line of defence: one line, never a traceback by default
         if debug:
             raise
         _fail(f"{type(error).__name__}: {error} (rerun with --debug for the traceback)", 1)
+    finally:
+        # Done (or failing): a late Ctrl-C must not interrupt the interpreter's exit with a traceback.
+        late = signal.SIG_IGN if argv is None else None
+        for signum, handler in previous.items():
+            signal.signal(signum, late or handler)
+
+
+def _interrupted(signum: int) -> None:
+    kept = [f"{path}: {note}" for path, note in ABANDONED if note]
+    lost = [str(path) for path, note in ABANDONED if not note]
+    what = "; ".join([*kept, *(f"nothing was written to {path}" for path in lost)]) or "nothing was written"
+    console.print(f"interrupted; {what}", highlight=False, soft_wrap=True)
+    sys.exit(128 + signum)
+
+
+class _NoteHandler(logging.Handler):
+    """cmoe's own notices (e.g. a stale partial output removed): one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"note: {record.getMessage()}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
     """Our own progress bars and one-line errors replace the libraries' bars and warnings."""
     from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging
+    from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    notes = logging.getLogger("cmoe")
+    if not any(isinstance(handler, _NoteHandler) for handler in notes.handlers):
+        notes.addHandler(_NoteHandler())
+    notes.propagate = False
 
 
 def _fail(message: str, code: int) -> None:

@@ -7,15 +7,22 @@ from pathlib import Path
 
 import torch
 
-from cmoe.calibration import calibration_windows, load_text, tokenize_text
+from cmoe.calibration import calibration_windows, check_fits_text, load_text, tokenize_text
 from cmoe.errors import CmoeError
 from cmoe.export import export_model
-from cmoe.io.artifacts import StageTimer, atomic_output, check_output_path, command_line, versions
+from cmoe.io.artifacts import StageTimer, claimed_output, command_line, versions
 from cmoe.io.carved import mean_active_neurons, save_carved
-from cmoe.io.loading import PreparedModel, check_seqlen, load_model, load_tokenizer, prepare_model
+from cmoe.io.loading import (
+    PreparedModel,
+    check_seqlen,
+    estimated_weight_bytes,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+)
 from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
 from cmoe.io.recipe_file import recipe_text
-from cmoe.io.profile_format import FORMAT, ProfileFile, StreamingSafetensorsWriter
+from cmoe.io.profile_format import FORMAT, ProfileFile, StreamingSafetensorsWriter, profile_bytes_per_layer
 from cmoe.numerics.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS
 from cmoe.pipeline.runner import LayerCallback
 from cmoe.pipeline.sequential import Pipeline, Stage, check_stages
@@ -35,7 +42,9 @@ def calibration_tokens(calibration: Calibration, prepared: PreparedModel, timer:
                 f"{text.description['sha256'][:12]}, recipe {calibration.sha256[:12]}): "
                 "pass --data to carve on it anyway"
             )
+        check_fits_text(calibration.nsamples, calibration.seqlen, len(text.text) + 1, "characters")
         tokens = tokenize_text(text.text, tokenizer)
+        check_fits_text(calibration.nsamples, calibration.seqlen, int(tokens.numel()), "tokens")
         windows = calibration_windows(tokens, calibration.nsamples, calibration.seqlen, calibration.seed)
     description = {
         **text.description,
@@ -65,36 +74,42 @@ def run_profile(
     """Write a profile of the dense model per layer: mark counts, rates and co-activation of the
     `statistic`'s top-K_a marks, plus every optional statistic of the quality options."""
     timer = StageTimer()
-    check_output_path(output, overwrite)
-    MARK_STATISTICS.check(statistic)
-    prepared = prepare_model(model, compute.device, compute.dtype, kind="dense")
-    check_ka(ka, prepared.config.intermediate_size)
-    _, windows, description = calibration_tokens(calibration, prepared, timer)
-    torch.manual_seed(calibration.seed)
-    with timer.stage("load_model"):
-        dense = load_model(prepared.source, prepared.dtype)
-    recipe = {
-        "tool": "cmoe profile",
-        "source_model": prepared.source.description,
-        "num_layers": dense.config.num_hidden_layers,
-        "intermediate_size": dense.config.intermediate_size,
-        "ka": ka,
-        "statistic": statistic,
-        "statistics": ["counts", "rates", "coactivation", *OPTIONAL_STATISTICS],
-        "calibration": description,
-        "device": str(prepared.device),
-        "dtype": _dtype_name(prepared.dtype),
-        "command": command_line(),
-        "versions": versions(),
-    }
-    with atomic_output(output, overwrite) as staging:
-        writer = StreamingSafetensorsWriter(staging.parent)
-        stages = [Statistics(ka, statistic, OPTIONAL_STATISTICS), WriteProfile(writer)]
-        with timer.stage("profile"):
-            Pipeline(dense, stages, windows, compute.batch_size, prepared.device, "dense", StageTimer(), on_layer).run()
-        recipe["timings_s"] = timer.rounded()
-        writer.finish(staging, {"format": FORMAT, "recipe": recipe_text(recipe)})
-    return recipe
+    with claimed_output(output, overwrite) as slot:
+        MARK_STATISTICS.check(statistic)
+        prepared = prepare_model(model, compute.device, compute.dtype, kind="dense")
+        check_ka(ka, prepared.config.intermediate_size)
+        config = prepared.config
+        slot.require_space(
+            config.num_hidden_layers * profile_bytes_per_layer(config.intermediate_size, config.hidden_size)
+        )
+        _, windows, description = calibration_tokens(calibration, prepared, timer)
+        torch.manual_seed(calibration.seed)
+        with timer.stage("load_model"):
+            dense = load_model(prepared.source, prepared.dtype)
+        recipe = {
+            "tool": "cmoe profile",
+            "source_model": prepared.source.description,
+            "num_layers": dense.config.num_hidden_layers,
+            "intermediate_size": dense.config.intermediate_size,
+            "ka": ka,
+            "statistic": statistic,
+            "statistics": ["counts", "rates", "coactivation", *OPTIONAL_STATISTICS],
+            "calibration": description,
+            "device": str(prepared.device),
+            "dtype": _dtype_name(prepared.dtype),
+            "command": command_line(),
+            "versions": versions(),
+        }
+        with slot.staged() as staging:
+            writer = StreamingSafetensorsWriter(slot.scratch)
+            stages = [Statistics(ka, statistic, OPTIONAL_STATISTICS), WriteProfile(writer)]
+            with timer.stage("profile"):
+                Pipeline(
+                    dense, stages, windows, compute.batch_size, prepared.device, "dense", StageTimer(), on_layer
+                ).run()
+            recipe["timings_s"] = timer.rounded()
+            writer.finish(staging, {"format": FORMAT, "recipe": recipe_text(recipe)})
+        return recipe
 
 
 def run_carve(
@@ -118,55 +133,56 @@ def carve(recipe: CarveRecipe, output: Path, overwrite: bool = False, on_layer: 
     timer = StageTimer()
     started = time.perf_counter()
     options, compute = recipe.options, recipe.compute
-    check_output_path(output, overwrite)
-    profile = None if recipe.profile is None else Path(recipe.profile)
-    check_stages(carve_stages(options, profile, compute.batch_size), has_calibration=recipe.calibration is not None)
-    prepared = prepare_model(recipe.model, compute.device, compute.dtype, kind="dense")
-    dense_config = prepared.config
-    options.check(dense_config.intermediate_size)
-    portable = recipe.with_overrides(
-        model=prepared.source.description, profile=str(profile.resolve()) if profile else None
-    )
-    record = carve_record(options, source_model=prepared.source.description, command=command_line())
-    record.update(device=str(prepared.device), dtype=_dtype_name(prepared.dtype))
-    if dense_config.intermediate_size % options.shape.experts:
-        record["leftover_neurons_in_shared"] = dense_config.intermediate_size % options.shape.experts
-    windows = None
-    if profile is not None:
-        saved = ProfileFile(profile)
-        saved.check_matches(dense_config.num_hidden_layers, dense_config.intermediate_size)
-        saved.check_serves(options.statistic, options.ka, options.needed_statistics())
-        tokenizer = load_tokenizer(prepared.source)
-        record.update(
-            mode="from-profile (dense statistics)", profile=str(profile), calibration=saved.recipe["calibration"]
+    with claimed_output(output, overwrite) as slot:
+        profile = None if recipe.profile is None else Path(recipe.profile)
+        check_stages(carve_stages(options, profile, compute.batch_size), has_calibration=recipe.calibration is not None)
+        prepared = prepare_model(recipe.model, compute.device, compute.dtype, kind="dense")
+        dense_config = prepared.config
+        options.check(dense_config.intermediate_size)
+        slot.require_space(int(1.05 * estimated_weight_bytes(dense_config, prepared.dtype)))
+        portable = recipe.with_overrides(
+            model=prepared.source.description, profile=str(profile.resolve()) if profile else None
         )
-    else:
-        tokenizer, windows, description = calibration_tokens(recipe.calibration, prepared, timer)
-        portable = portable.with_overrides(
-            calibration=replace(recipe.calibration.portable(), sha256=description["sha256"])
-        )
-        mode = "sequential (each layer profiled on carved upstream layers)"
-        if options.propagate == "dense":
-            mode = "sequential on dense upstream layers (each layer profiled on the dense model's outputs)"
-        record.update(mode=mode, calibration=description)
-        record.update(
-            nsamples=recipe.calibration.nsamples, seqlen=recipe.calibration.seqlen, seed=recipe.calibration.seed
-        )
-    with timer.stage("load_model"):
-        dense = load_model(prepared.source, prepared.dtype)
-    carved = carve_model(dense, windows, options, compute.batch_size, prepared.device, timer, on_layer, profile)
-    record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
-    record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
-    record["recipe"] = portable.to_dict()
-    with atomic_output(output, overwrite) as staging:
-        with timer.stage("save"):
-            record["timings_s"] = timer.rounded()
-            record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-            if recipe.export_format is None:
-                save_carved(carved, tokenizer, staging, record)
-            else:
-                export_model(carved, tokenizer, staging, recipe.export_format, record)
-    return record
+        record = carve_record(options, source_model=prepared.source.description, command=command_line())
+        record.update(device=str(prepared.device), dtype=_dtype_name(prepared.dtype))
+        if dense_config.intermediate_size % options.shape.experts:
+            record["leftover_neurons_in_shared"] = dense_config.intermediate_size % options.shape.experts
+        windows = None
+        if profile is not None:
+            saved = ProfileFile(profile)
+            saved.check_matches(dense_config.num_hidden_layers, dense_config.intermediate_size)
+            saved.check_serves(options.statistic, options.ka, options.needed_statistics())
+            tokenizer = load_tokenizer(prepared.source)
+            record.update(
+                mode="from-profile (dense statistics)", profile=str(profile), calibration=saved.recipe["calibration"]
+            )
+        else:
+            tokenizer, windows, description = calibration_tokens(recipe.calibration, prepared, timer)
+            portable = portable.with_overrides(
+                calibration=replace(recipe.calibration.portable(), sha256=description["sha256"])
+            )
+            mode = "sequential (each layer profiled on carved upstream layers)"
+            if options.propagate == "dense":
+                mode = "sequential on dense upstream layers (each layer profiled on the dense model's outputs)"
+            record.update(mode=mode, calibration=description)
+            record.update(
+                nsamples=recipe.calibration.nsamples, seqlen=recipe.calibration.seqlen, seed=recipe.calibration.seed
+            )
+        with timer.stage("load_model"):
+            dense = load_model(prepared.source, prepared.dtype)
+        carved = carve_model(dense, windows, options, compute.batch_size, prepared.device, timer, on_layer, profile)
+        record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
+        record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
+        record["recipe"] = portable.to_dict()
+        with slot.staged() as staging:
+            with timer.stage("save"):
+                record["timings_s"] = timer.rounded()
+                record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+                if recipe.export_format is None:
+                    save_carved(carved, tokenizer, staging, record)
+                else:
+                    export_model(carved, tokenizer, staging, recipe.export_format, record)
+        return record
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cmoe import Calibration, CarveOptions, Compute, MoEShape, run_carve
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES_MODEL = SHARED / "models" / "tinystories-656k"
 TINYSTORIES_TRAIN = SHARED / "data" / "tinystories" / "TinyStoriesV2-GPT4-train-first2MiB.txt"
@@ -58,3 +60,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def train_text(tmp_path_factory) -> Path:
+    """The first 150 KB of the TinyStories train slice: plenty of 64-token windows, quick to tokenise."""
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(TINYSTORIES_TRAIN.read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def carved_dir(tmp_path_factory, train_text) -> Path:
+    out = tmp_path_factory.mktemp("carved") / "S1A1E4"
+    torch.set_num_threads(1)
+    run_carve(
+        str(TINYSTORIES_MODEL),
+        out,
+        CarveOptions(MoEShape.parse("S1A1E4")),
+        Calibration(str(train_text), nsamples=4, seqlen=128, seed=0),
+        compute=Compute("cpu", "float32", 2),
+    )
+    return out

@@ -21,12 +21,13 @@ from test_cli import assert_one_line_error, run
 CALIBRATION = cmoe.Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64)
 CPU = cmoe.Compute("cpu")
 # One carve per format that exercises its routed experts at k > 1 (and the shared block where it has one).
-SHAPES = {"qwen2-moe": "S1A2E8", "mixtral": "S0A2E8", "glm4-moe": "S2A2E8"}
+SHAPES = {"qwen2-moe": "S1A2E8", "mixtral": "S0A2E8", "glm4-moe": "S2A2E8", "ernie4.5-moe": "S2A2E8"}
 # Shapes whose every neuron is active with weight 1: one routed expert, always selected (GLM4-MoE's router
 # ranks at least two, whose renormalised weights sum to 1, so it has no such shape).
-ALL_NEURONS = {"qwen2-moe": "S3A1E4", "mixtral": "S0A1E1"}
-# GLM4-MoE's router computes its scores in float32 whatever the model's dtype.
-FLOAT64_BOUND = {"glm4-moe": 1e-5}
+ALL_NEURONS = {"qwen2-moe": "S3A1E4", "mixtral": "S0A1E1", "ernie4.5-moe": "S3A1E4"}
+# GLM4-MoE's router computes its scores in float32 whatever the model's dtype; Ernie-4.5-MoE its router
+# and its rotary embedding (so every attention score carries float32 rounding).
+FLOAT64_BOUND = {"glm4-moe": 1e-4, "ernie4.5-moe": 2e-4}
 
 WITHOUT_CMOE = """
 import sys, torch
@@ -98,7 +99,7 @@ def test_every_neuron_active_exports_the_dense_model(fmt, tmp_path):
     with torch.no_grad():
         expected = dense(ids()).logits.log_softmax(-1)
     got = load_without_cmoe(tmp_path / "exported", ids(), tmp_path)
-    assert float((got["fp64"] - expected).abs().max()) < 1e-9
+    assert float((got["fp64"] - expected).abs().max()) < FLOAT64_BOUND.get(fmt, 1e-9)
 
 
 def test_gating_rules_by_hand():
@@ -222,3 +223,29 @@ def test_flat_gate_weights_every_selected_expert_about_one_and_is_the_format_def
     assert torch.allclose(expert.down_proj.weight, 2 * reference.down_proj.weight)
     with pytest.raises(cmoe.CmoeError, match="--flat-gate"):
         CarveOptions(MoEShape.parse("S1A2E8"), flat_gate=True)
+
+
+def test_ernie_refuses_a_dense_layer_between_carved_ones_and_maps_the_run():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from cmoe.export import CarvedView, check_exportable
+    from cmoe.export.ernie4_5_moe import ernie4_5_moe_config, interleaved_rope_rows
+
+    from conftest import tiny_llama
+
+    dense = tiny_llama(layers=4)
+    mlp = LlamaMLP(dense.config)
+    windows = torch.randint(0, 97, (4, 16))
+    options = CarveOptions(MoEShape.parse("S2A2E8"), router="linear-gate", gating="softmax-renorm")
+    carved = cmoe.carve_model(dense, windows, options)
+    layers = list(carved.config.cmoe_layers)
+    carved.config.cmoe_layers = [None, *layers[1:]]
+    carved.model.layers[0].mlp = mlp
+    view = CarvedView(carved, "ernie4.5-moe")
+    check_exportable(view, EXPORT_FORMATS.get("ernie4.5-moe"))
+    assert ernie4_5_moe_config(view)["moe_layer_start_index"] == 1
+    carved.config.cmoe_layers = [layers[0], None, *layers[2:]]
+    carved.model.layers[1].mlp = mlp
+    with pytest.raises(cmoe.CmoeError, match="dense layer 1 sits between carved layers"):
+        check_exportable(view, EXPORT_FORMATS.get("ernie4.5-moe"))
+    assert interleaved_rope_rows(8, 4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_VALID
 from safetensors.torch import load_file
-from test_cli import assert_one_line_error, run
+from test_cli import assert_one_line_error, run, tree
 from transformers import AutoTokenizer
 
 import cmoe
@@ -38,28 +38,6 @@ from cmoe.numerics.training import balancing_direction, planned_steps, sample_po
 FAST = FinetuneOptions(nsamples=12, seqlen=64, batch_size=2, checkpoint_every=0, eval_windows=4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="session")
-def train_text(tmp_path_factory) -> Path:
-    """The first 150 KB of the TinyStories train slice: plenty of 64-token windows, quick to tokenise."""
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(TINYSTORIES_TRAIN.read_text(encoding="utf-8")[:150_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def carved_dir(tmp_path_factory, train_text) -> Path:
-    out = tmp_path_factory.mktemp("carved") / "S1A1E4"
-    torch.set_num_threads(1)
-    run_carve(
-        str(TINYSTORIES_MODEL),
-        out,
-        CarveOptions(MoEShape.parse("S1A1E4")),
-        Calibration(str(train_text), nsamples=4, seqlen=128, seed=0),
-        compute=Compute("cpu", "float32", 2),
-    )
-    return out
 
 
 def finetune(carved_dir, out, data, options=FAST, **kwargs) -> dict:
@@ -253,8 +231,9 @@ def test_bad_inputs_fail_in_one_line(capsys, tmp_path, carved_dir, train_text, a
     command = ["finetune", "--seqlen", "64", "--device", "cpu", *[arg.format(**fill) for arg in args]]
     if "-o" not in command:
         command += ["-o", str(tmp_path / "out")]
+    before = tree(tmp_path)
     assert_one_line_error(capsys, command, expected)
-    assert not (tmp_path / "out").exists()
+    assert tree(tmp_path) == before
 
 
 def test_cli_finetune_stops_at_max_steps_and_keeps_a_checkpoint(capsys, tmp_path, carved_dir, train_text):

@@ -70,3 +70,23 @@ def test_fewer_active_experts_change_the_output():
     block = carve_block(mlp, stats, MoEShape.parse("S1A1E8"))
     x = torch.randn(4, 32)
     assert not torch.allclose(block(x), mlp(x), atol=1e-4)
+
+
+def test_carved_forward_and_generate_raise_no_deprecation_warning(carved_dir):
+    """The modeling file copied into every carved directory must use the current transformers API only
+    (a deprecated argument would break carved models already written when transformers drops it)."""
+    import warnings
+
+    import cmoe
+
+    model = cmoe.load_carved(carved_dir)
+    ids = torch.randint(0, 100, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        cached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        model(ids, use_cache=True)
+    uncached = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, use_cache=False
+    )
+    assert torch.equal(cached, uncached)

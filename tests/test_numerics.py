@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from cmoe.shape import MoEShape
 from cmoe.routers.analytic import analytic_router_weights
@@ -100,6 +102,64 @@ def test_balanced_assignment_fills_every_cluster_exactly():
     torch.manual_seed(3)
     labels = balanced_assignment(torch.rand(12, 4, dtype=torch.float64), cluster_size=3)
     assert torch.bincount(labels, minlength=4).tolist() == [3, 3, 3, 3]
+
+
+def square_expansion(cost: torch.Tensor, cluster_size: int) -> tuple[float, torch.Tensor]:
+    """The former solver, kept as the reference: SciPy's assignment on each column repeated `cluster_size` times."""
+    square = np.repeat(cost.numpy(), cluster_size, axis=1)
+    rows, cols = linear_sum_assignment(square)
+    labels = np.empty(cost.shape[0], dtype=np.int64)
+    labels[rows] = cols // cluster_size
+    return float(square[rows, cols].sum()), torch.from_numpy(labels)
+
+
+def hamming_costs(clusters: int, cluster_size: int, tokens: int, seed: int) -> torch.Tensor:
+    """The reference's costs: top-K_a marks per token (10% of the neurons), routed neurons vs the most
+    active neurons as seeds; few tokens make many ties."""
+    d_h = clusters * (cluster_size + 1)
+    generator = torch.Generator().manual_seed(seed)
+    stats = ActivationStats.empty(d_h)
+    stats.update(torch.stack([torch.randperm(d_h, generator=generator)[: d_h // 10] for _ in range(tokens)]))
+    order = torch.argsort(stats.counts, descending=True, stable=True)
+    return hamming_to_seeds(stats, order[clusters:], order[:clusters])
+
+
+ASSIGNMENT_COSTS = {
+    "random-float": lambda: torch.rand(96, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+    "tie-heavy-integer": lambda: torch.randint(0, 3, (96, 6), generator=torch.Generator().manual_seed(1)).double(),
+    "all-equal": lambda: torch.ones(40, 5, dtype=torch.float64),
+    "hamming": lambda: hamming_costs(clusters=6, cluster_size=16, tokens=256, seed=2),
+    "hamming-few-tokens": lambda: hamming_costs(clusters=4, cluster_size=30, tokens=12, seed=3),
+}
+
+
+@pytest.mark.parametrize("name", ASSIGNMENT_COSTS)
+def test_balanced_assignment_reaches_the_square_expansion_optimum(name):
+    cost = ASSIGNMENT_COSTS[name]()
+    clusters = cost.shape[1]
+    size = cost.shape[0] // clusters
+    labels = balanced_assignment(cost, size)
+    assert labels.dtype == torch.int64
+    assert torch.bincount(labels, minlength=clusters).tolist() == [size] * clusters
+    total = float(cost[torch.arange(cost.shape[0]), labels].sum())
+    assert total == pytest.approx(square_expansion(cost, size)[0], rel=1e-12, abs=1e-9)
+    assert torch.equal(balanced_assignment(cost.clone(), size), labels)  # deterministic among tied optima
+
+
+def test_balanced_assignment_with_a_unique_optimum_gives_scipys_labels():
+    generator = torch.Generator().manual_seed(4)
+    planted = torch.randperm(60, generator=generator) % 5
+    cost = 1.0 + torch.rand(60, 5, generator=generator, dtype=torch.float64)
+    cost[torch.arange(60), planted] = 0.0  # every other assignment costs at least 1 more
+    labels = balanced_assignment(cost, 12)
+    assert torch.equal(labels, planted)
+    assert torch.equal(labels, square_expansion(cost, 12)[1])
+
+
+def test_balanced_assignment_rejects_sizes_that_do_not_fill_the_clusters():
+    with pytest.raises(ValueError, match="do not fill"):
+        balanced_assignment(torch.zeros(10, 3, dtype=torch.float64), 3)
+    assert balanced_assignment(torch.zeros(0, 0, dtype=torch.float64), 4).numel() == 0
 
 
 @pytest.mark.parametrize("d_h,experts,shared", [(48, 8, 1), (50, 8, 3), (37, 5, 0), (64, 4, 2)])

@@ -97,7 +97,7 @@ def test_profile_tensors_are_pinned(capsys, tmp_path):
             assert summary[name] == pinned, name
         else:
             for key in ("sum", "norm", "sample"):
-                assert summary[name][key] == pytest.approx(pinned[key], rel=1e-6, abs=1e-9), (name, key)
+                assert summary[name][key] == pytest.approx(pinned[key], rel=1e-4, abs=1e-9), (name, key)
 
 
 def test_finetune_loss_curve_is_pinned(capsys, tmp_path):

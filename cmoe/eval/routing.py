@@ -13,7 +13,7 @@ from torch import nn
 
 from cmoe.calibration import evaluation_windows, load_text, tokenize_text
 from cmoe.errors import CmoeError
-from cmoe.io.artifacts import atomic_output, check_output_path, command_line, versions, write_json
+from cmoe.io.artifacts import claimed_output, command_line, versions, write_json
 from cmoe.io.loading import check_seqlen, load_model, load_tokenizer, prepare_model
 from cmoe.numerics.routing_stats import balance_figures, distance_matrix, routing_distributions
 from cmoe.pipeline.sequential import Pipeline
@@ -138,41 +138,47 @@ def run_routing_eval(
 ) -> dict:
     """Count, measure and plot the routing of a carved model on each named source; write PNGs and JSON."""
     sources = parse_sources(data)
-    check_output_path(output, overwrite)
-    compute = Compute(device, dtype, batch_size)
-    prepared = prepare_model(model, compute.device, compute.dtype, kind="carved")
-    check_seqlen(seqlen, prepared.config)
-    source, config = prepared.source, prepared.config
-    layers = [index for index, spec in enumerate(config.layer_specs) if spec]
-    chosen = layers[-1] if layer is None else layer
-    if chosen not in layers:
-        raise CmoeError(f"--layer {layer}: expected a carved layer ({layers[0]}..{layers[-1]})")
-    tokenizer = load_tokenizer(source)
-    windows = {
-        name: evaluation_windows(tokenize_text(load_text(text, split).text, tokenizer), seqlen, max_windows)
-        for name, text in sources.items()
-    }
-    loaded = load_model(source, prepared.dtype)
-    counts = {
-        name: count_routed_tokens(loaded, ids, batch_size, prepared.device, on_layer) for name, ids in windows.items()
-    }
-    top_k = [config.layer_specs[index].top_k for index in layers]
-    report = {
-        "tool": "cmoe eval routing",
-        "model": source.description,
-        "data": {
-            name: {"source": text, "windows": windows[name].shape[0], "seqlen": seqlen, "tokens": windows[name].numel()}
+    with claimed_output(output, overwrite) as slot:
+        compute = Compute(device, dtype, batch_size)
+        prepared = prepare_model(model, compute.device, compute.dtype, kind="carved")
+        check_seqlen(seqlen, prepared.config)
+        source, config = prepared.source, prepared.config
+        layers = [index for index, spec in enumerate(config.layer_specs) if spec]
+        chosen = layers[-1] if layer is None else layer
+        if chosen not in layers:
+            raise CmoeError(f"--layer {layer}: expected a carved layer ({layers[0]}..{layers[-1]})")
+        tokenizer = load_tokenizer(source)
+        windows = {
+            name: evaluation_windows(tokenize_text(load_text(text, split).text, tokenizer), seqlen, max_windows)
             for name, text in sources.items()
-        },
-        **routing_report(counts, layers, top_k, chosen),
-        "command": command_line(),
-        "versions": versions(),
-    }
-    with atomic_output(output, overwrite) as staging:
-        staging.mkdir(parents=True)
-        _write_figures(staging, counts, layers, chosen, report)
-        write_json(staging / "routing.json", report)
-    return report
+        }
+        loaded = load_model(source, prepared.dtype)
+        counts = {
+            name: count_routed_tokens(loaded, ids, batch_size, prepared.device, on_layer)
+            for name, ids in windows.items()
+        }
+        top_k = [config.layer_specs[index].top_k for index in layers]
+        report = {
+            "tool": "cmoe eval routing",
+            "model": source.description,
+            "data": {
+                name: {
+                    "source": text,
+                    "windows": windows[name].shape[0],
+                    "seqlen": seqlen,
+                    "tokens": windows[name].numel(),
+                }
+                for name, text in sources.items()
+            },
+            **routing_report(counts, layers, top_k, chosen),
+            "command": command_line(),
+            "versions": versions(),
+        }
+        with slot.staged() as staging:
+            staging.mkdir(parents=True)
+            _write_figures(staging, counts, layers, chosen, report)
+            write_json(staging / "routing.json", report)
+        return report
 
 
 def _write_figures(

@@ -123,6 +123,17 @@ def check_exportable(view: CarvedView, fmt: ExportFormat) -> None:
     fmt.extra_check(view)
 
 
+def require_whole_shared_experts(view: CarvedView) -> None:
+    """Formats that count shared experts (not neurons) need the shared block to be whole experts."""
+    spec = view.spec
+    if spec.shared_size % spec.expert_size:
+        view.refuse(
+            f"its shared block ({spec.shared_size} neurons) is not a whole number of experts of {spec.expert_size} "
+            "(the d_h mod N leftovers joined it)",
+            "choose a number of experts that divides the FFN width",
+        )
+
+
 def check_options_exportable(options, fmt_name: str) -> None:
     """Before carving with `--format`: the options' own reasons the format could not hold the result."""
     fmt = EXPORT_FORMATS.get(fmt_name)

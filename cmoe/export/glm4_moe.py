@@ -8,7 +8,15 @@ Leading dense layers map to `first_k_dense_replace`. Written for what its engine
 
 import torch
 
-from cmoe.export.base import EXPORT_FORMATS, CarvedView, ExportFormat, attention_tensors, common_config, swiglu_tensors
+from cmoe.export.base import (
+    EXPORT_FORMATS,
+    CarvedView,
+    ExportFormat,
+    attention_tensors,
+    common_config,
+    require_whole_shared_experts,
+    swiglu_tensors,
+)
 
 
 def glm4_moe_config(view: CarvedView) -> dict:
@@ -53,15 +61,9 @@ def glm4_moe_layer(view: CarvedView, index: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _whole_shared_experts(view: CarvedView) -> None:
-    spec = view.spec
-    if spec.shared_size % spec.expert_size:
-        view.refuse(
-            f"its shared block ({spec.shared_size} neurons) is not a whole number of experts of {spec.expert_size} "
-            "(the d_h mod N leftovers joined it)",
-            "choose a number of experts that divides the FFN width",
-        )
-    if spec.num_experts < 2:
+def _glm4_checks(view: CarvedView) -> None:
+    require_whole_shared_experts(view)
+    if view.spec.num_experts < 2:
         view.refuse(
             "it has one routed expert; GLM4-MoE's router ranks at least two", "carve at least two routed experts"
         )
@@ -78,6 +80,6 @@ EXPORT_FORMATS.register(
         dense_layers="leading",
         selection_bias=True,
         untied_head=True,
-        extra_check=_whole_shared_experts,
+        extra_check=_glm4_checks,
     ),
 )

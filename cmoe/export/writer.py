@@ -7,9 +7,9 @@ from transformers import AutoConfig
 
 from cmoe.checks import check_dtype_name
 from cmoe.export.base import EXPORT_FORMATS, CarvedView, check_exportable, write_sharded
-from cmoe.io.artifacts import atomic_output, check_output_path, command_line, versions
+from cmoe.io.artifacts import claimed_output, command_line, versions
 from cmoe.io.carved import load_carved
-from cmoe.io.loading import DTYPES, load_tokenizer, prepare_model
+from cmoe.io.loading import DTYPES, estimated_weight_bytes, load_tokenizer, prepare_model
 from cmoe.io.recipe_file import has_recipe, read_recipe, write_recipe
 
 
@@ -48,15 +48,16 @@ def run_export(
 ) -> dict:
     """`cmoe export CARVED --format F -o OUT`: every check before any weight is read, then the export."""
     EXPORT_FORMATS.check(fmt_name)
-    check_output_path(output, overwrite)
-    prepared = prepare_model(carved, "cpu", "auto", kind="carved")
-    check_dtype_name(dtype)
-    location = Path(prepared.source.location)
-    record = read_recipe(location) if has_recipe(location) else {}
-    model = load_carved(location)
-    tokenizer = load_tokenizer(prepared.source)
-    with atomic_output(output, overwrite) as staging:
-        return export_model(model, tokenizer, staging, fmt_name, record, DTYPES.get(dtype), on_layer)
+    with claimed_output(output, overwrite) as slot:
+        prepared = prepare_model(carved, "cpu", "auto", kind="carved")
+        check_dtype_name(dtype)
+        location = Path(prepared.source.location)
+        record = read_recipe(location) if has_recipe(location) else {}
+        slot.require_space(int(1.05 * estimated_weight_bytes(prepared.config, DTYPES.get(dtype) or torch.float32)))
+        model = load_carved(location)
+        tokenizer = load_tokenizer(prepared.source)
+        with slot.staged() as staging:
+            return export_model(model, tokenizer, staging, fmt_name, record, DTYPES.get(dtype), on_layer)
 
 
 def export_card(fmt_name: str, model_type: str, record: dict) -> str:

@@ -67,16 +67,20 @@ class DataSpec:
 
 
 def parse_data_spec(spec: str) -> DataSpec:
-    """`PATH` or `PATH:WEIGHT`; the weight is whatever follows the last ':' when it reads as a number,
-    so a path that itself contains ':' still works as long as it does not end in ':NUMBER'."""
+    """`SOURCE` or `SOURCE:WEIGHT`. A SOURCE that exists as a file is taken whole, and so is one whose
+    last ':' is followed by a path (`dir:x/b.txt`); otherwise what follows the last ':' is the weight,
+    and a word that is not a number (`FILE:abc`) is refused rather than read as part of the path."""
     source, separator, tail = spec.rpartition(":")
-    if separator and source:
-        try:
-            weight = float(tail)
-        except ValueError:
+    if not separator or not source or Path(spec).expanduser().exists():
+        return DataSpec(spec)
+    try:
+        return DataSpec(source, float(tail))
+    except ValueError:
+        if any(mark in tail for mark in "/\\.") or not tail:
             return DataSpec(spec)
-        return DataSpec(source, weight)
-    return DataSpec(spec)
+        raise CmoeError(
+            f"--data {spec}: the mixture weight {tail!r} is not a number (SOURCE:WEIGHT, e.g. {source}:0.5)"
+        ) from None
 
 
 @dataclass(frozen=True)

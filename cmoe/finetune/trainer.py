@@ -8,6 +8,7 @@ checkpoints in `checkpoints.py`, the saved record and card in `record.py`, the a
 `cmoe.numerics.training`.
 """
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,7 +20,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from cmoe.finetune.checkpoints import TrainingState, checkpoint_root, checkpoint_to_resume, save_checkpoint
+from cmoe.finetune.checkpoints import (
+    TrainingState,
+    checkpoint_root,
+    checkpoint_to_resume,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from cmoe.finetune.data import load_eval_data, load_training_data
 from cmoe.finetune.evaluation import evaluation_point, windows_nll
 from cmoe.finetune.model import (
@@ -34,7 +41,7 @@ from cmoe.finetune.model import (
 from cmoe.finetune.recipe import FinetuneOptions, FinetuneRecipe, parse_data_spec
 from cmoe.finetune.record import finetune_card, finetune_record
 from cmoe.finetune.routing import RoutingMeter, routing_load, update_biases
-from cmoe.io.artifacts import StageTimer, atomic_output, check_output_path
+from cmoe.io.artifacts import StageTimer, claimed_output
 from cmoe.io.carved import save_carved
 from cmoe.io.loading import check_seqlen, load_model, load_tokenizer, prepare_model
 from cmoe.numerics.mixture import dynamic_weights
@@ -80,6 +87,20 @@ class FinetuneRun:
         self.started = time.perf_counter()
 
     def run(self) -> dict | None:
+        """Claim the output first (the main process of a launch does), then setup, train and finish. A run
+        stopped by --max-steps wrote its output: --resume may replace it."""
+        if int(os.environ.get("RANK", "0")) != 0:
+            return self._phases()
+        with claimed_output(self.output, self.overwrite or self.resume) as self.slot:
+            try:
+                return self._phases()
+            except BaseException:
+                latest = latest_checkpoint(self.checkpoints)
+                if latest is not None:
+                    self.slot.kept = f"checkpoint kept at {latest} (continue with --resume)"
+                raise
+
+    def _phases(self) -> dict | None:
         self.setup()
         self.train()
         return self.finish()
@@ -99,7 +120,6 @@ class FinetuneRun:
 
     def _load_inputs(self) -> None:
         options = self.options
-        check_output_path(self.output, self.overwrite)
         self.resumed_from = checkpoint_to_resume(self.output, options, self.overwrite, self.resume)
         self.prepared = prepare_model(self.recipe.model, self.recipe.device, self.recipe.dtype, kind="carved")
         check_seqlen(options.seqlen, self.prepared.config)
@@ -213,7 +233,7 @@ class FinetuneRun:
             str(self.prepared.dtype).removeprefix("torch."),
             timings,
         )
-        with atomic_output(self.output, self.overwrite) as staging, self.timer.stage("save"):
+        with self.slot.staged() as staging, self.timer.stage("save"):
             save_carved(merged, self.tokenizer, staging, record)
             with (staging / "README.md").open("a") as card:
                 card.write(finetune_card(record["finetune"]))

@@ -1,6 +1,7 @@
 """Atomic outputs and the recipe every artifact carries."""
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -19,6 +20,7 @@ _PACKAGES = (
     "transformers",
     "safetensors",
     "scipy",
+    "pot",
     "numpy",
     "tokenizers",
     "gguf",
@@ -37,42 +39,147 @@ def versions() -> dict[str, str]:
     return found
 
 
-def check_output_path(path: Path, overwrite: bool) -> None:
-    """Fail early, before any heavy work, if the output exists and may not be replaced."""
+log = logging.getLogger("cmoe")
+# Outputs this process abandoned (an error or an interrupt), each with what was kept (e.g. a checkpoint).
+ABANDONED: list[tuple[Path, str | None]] = []
+
+
+def check_output_path(path: Path, overwrite: bool, needed_bytes: int | None = None) -> None:
+    """Fail early, before any heavy work: the output exists and may not be replaced, its directory is
+    missing or not writable, or the disk has less free space than the output is estimated to need."""
     if path.exists() and not overwrite:
         raise CmoeError(f"{path} already exists (pass --overwrite to replace it)")
     if not path.parent.exists():
         raise CmoeError(f"{path.parent}: the output's parent directory does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CmoeError(f"{path.parent}: the output's directory is not writable")
+    if needed_bytes is not None:
+        free = shutil.disk_usage(path.parent).free
+        if free < needed_bytes:
+            raise CmoeError(
+                f"{path.parent}: {_gib(free)} free, the output needs about {_gib(needed_bytes)} (free space or "
+                "choose another -o)"
+            )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+class OutputSlot:
+    """The one writer of an output, claimed before any heavy work: a lock file holding the writer's PID,
+    a staging path and a scratch path with stable names, and `staged()`, which renames the finished
+    staging onto the output in one step.
+
+    A second writer of the same output refuses at once while the first lives; a slot left by a process
+    that died (kill -9, power loss) is removed by the next writer, which says so.
+    """
+
+    def __init__(self, path: Path, overwrite: bool, needed_bytes: int | None = None):
+        self.path = path
+        self.overwrite = overwrite
+        self.staging = path.with_name(f".{path.name}.partial")
+        self.scratch = path.with_name(f".{path.name}.scratch")
+        self.lock = path.with_name(f".{path.name}.lock")
+        self.kept: str | None = None
+        check_output_path(path, overwrite, needed_bytes)
+        self._claim()
+
+    def _claim(self) -> None:
+        while True:
+            try:
+                descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _lock_owner(self.lock)
+                if _alive(owner) or (owner is None and _age_seconds(self.lock) < 10):
+                    raise CmoeError(f"{self.path} is being written by pid {owner} (wait for it or choose another -o)")
+                self._clear()
+                _remove(self.lock)
+                log.warning(f"removed a stale partial output of {self.path} (pid {owner} is gone)")
+                continue
+            except OSError as error:
+                raise CmoeError(f"{self.path.parent}: cannot write the output here ({error.strerror})") from error
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(f"{os.getpid()}\n")
+            return
+
+    def require_space(self, needed_bytes: int) -> None:
+        """The free-space check, once the output's size can be estimated (from the model's config)."""
+        check_output_path(self.path, True, needed_bytes)
+
+    def _clear(self) -> None:
+        _remove(self.staging)
+        _remove(self.scratch)
+
+    @contextmanager
+    def staged(self) -> Iterator[Path]:
+        """Yield the staging path; on success it replaces the output in one rename."""
+        self._clear()
+        yield self.staging
+        if self.path.exists():
+            if not self.overwrite:
+                raise CmoeError(f"{self.path} appeared while it was being written (pass --overwrite to replace it)")
+            retired = self.path.with_name(f".{self.path.name}.old")
+            _remove(retired)
+            os.replace(self.path, retired)
+            os.replace(self.staging, self.path)
+            _remove(retired)
+        else:
+            os.replace(self.staging, self.path)
+
+    def release(self, failed: bool) -> None:
+        self._clear()
+        _remove(self.lock)
+        if failed:
+            ABANDONED.append((self.path, self.kept))
 
 
 @contextmanager
-def atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces `path` in one rename, on failure it is removed.
-
-    A crash therefore never leaves a half-written result under the final name.
-    """
-    check_output_path(path, overwrite)
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    _remove(staging)
+def claimed_output(path: Path, overwrite: bool, needed_bytes: int | None = None) -> Iterator[OutputSlot]:
+    """Claim `path` for this process for the whole command; staging, scratch and lock are removed at the
+    end whatever happens (so a failure never leaves a half-written result that looks complete)."""
+    slot = OutputSlot(path, overwrite, needed_bytes)
     try:
-        yield staging
+        yield slot
     except BaseException:
-        _remove(staging)
+        slot.release(failed=True)
         raise
-    if path.exists():
-        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, retired)
-        os.replace(staging, path)
-        _remove(retired)
-    else:
-        os.replace(staging, path)
+    slot.release(failed=False)
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
-        path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def write_json(path: Path, payload: dict) -> None:

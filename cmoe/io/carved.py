@@ -1,9 +1,11 @@
 """Saving and reloading carved models: a Hugging Face directory with its own modeling code."""
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -57,11 +59,87 @@ def load_carved(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CmoeError(f"{path}: not a model directory (no config.json)")
-    config = carved_config(path)
+    try:
+        config = carved_config(path)
+    except ValueError as error:
+        raise CmoeError(f"{path / 'config.json'}: {str(error).splitlines()[0]}") from None
     if getattr(config, "model_type", "") != "cmoe":
         raise CmoeError(f"{path}: not a carved model (model_type {config.model_type!r})")
+    check_carved_checkpoint(path, config)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto")
     return model.to(device).eval()
+
+
+def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers (single file or sharded with an index), reading
+    no weights; a file that is not valid safetensors is named in one line."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as error:
+            raise CmoeError(f"{index}: not a valid safetensors index ({error})") from None
+    else:
+        files = ["model.safetensors"]
+    shapes = {}
+    for name in files:
+        file = directory / name
+        if not file.is_file():
+            raise CmoeError(f"{file}: missing (the checkpoint is incomplete)")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+        except Exception as error:  # safetensors raises its own error types for every kind of damage
+            raise CmoeError(f"{file}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
+    return shapes
+
+
+def check_carved_checkpoint(directory: Path, config) -> None:
+    """The per-layer specs against the tensors, before any weight is read: one line naming the first
+    layer and config field that disagree with the checkpoint (rather than transformers' size errors)."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    found = checkpoint_shapes(directory)
+    problems = []
+    for name in sorted(set(expected) | set(found)):
+        if name not in found:
+            problems.append((name, "is missing"))
+        elif name not in expected:
+            problems.append((name, "is not in the config's model"))
+        elif found[name] != expected[name]:
+            problems.append((name, f"has shape {list(found[name])}, the config says {list(expected[name])}"))
+    if not problems:
+        return
+    name, what = min(problems, key=lambda problem: _layer_of(problem[0]))
+    layer, count = _layer_of(name), len(problems)
+    if layer >= len(config.cmoe_layers):
+        raise CmoeError(f"{directory}: tensor {name} {what} ({count} tensors differ from config.json)")
+    raise CmoeError(
+        f"{directory}: layer {layer}: tensor {name} {what}: config.json's {_spec_field(name, what)} for this layer "
+        f"disagrees with the weights ({count} tensors differ)"
+    )
+
+
+def _spec_field(name: str, what: str) -> str:
+    """The MoE spec field a mismatched tensor points at: a missing or extra expert is the expert count,
+    a wrong width the expert (or shared block) size."""
+    if ".mlp.experts." in name:
+        return "expert_size" if what.startswith("has shape") else "num_experts"
+    if ".mlp.shared." in name:
+        return "shared_size"
+    if ".mlp.router." in name:
+        return "router"
+    return "cmoe_layers entry (dense or carved)" if ".mlp." in name else "text_config"
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return 1 << 30
 
 
 def mean_active_neurons(config) -> float:

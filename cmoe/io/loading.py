@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 import cmoe.modeling  # noqa: F401  (registers the carved architecture with the Auto classes)
 from cmoe.checks import DTYPE_NAMES, check_device_name, check_dtype_name
 from cmoe.errors import CmoeError
+from cmoe.io.carved import check_carved_checkpoint
 
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -167,8 +168,24 @@ def prepare_model(model: str, device: str, dtype: str, kind: str = "any") -> Pre
         )
     if not is_carved(config):
         check_decoder_stack(config, source.description, gated=kind == "dense")
+    elif source.is_local:
+        check_carved_checkpoint(Path(source.location), config)
     compute_device = resolve_device(device)
     return PreparedModel(source, config, compute_device, resolve_dtype(dtype, compute_device, config))
+
+
+def estimated_weight_bytes(config: PreTrainedConfig, dtype: torch.dtype) -> int:
+    """Bytes of a LLaMA-style model's weights in `dtype` (a carve's output is within a few percent of
+    it: the same neurons, plus small routers), computed from the config before any weight is read."""
+    text = text_config_of(config)
+    hidden, layers = text.hidden_size, text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * text.intermediate_size
+    embeddings = text.vocab_size * hidden * (1 if getattr(text, "tie_word_embeddings", False) else 2)
+    parameters = embeddings + layers * (attention + mlp + 2 * hidden) + hidden
+    return parameters * torch.empty((), dtype=dtype).element_size()
 
 
 def check_seqlen(seqlen: int, config: PreTrainedConfig) -> None:

@@ -7,7 +7,6 @@ so writing a profile of a deep model never holds more than one layer's statistic
 import json
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,8 +23,8 @@ _DTYPE_NAMES = {torch.int64: "I64", torch.int32: "I32", torch.float32: "F32", to
 class StreamingSafetensorsWriter:
     """Appends tensors to a scratch file, then writes a valid .safetensors file in one pass."""
 
-    def __init__(self, scratch_dir: Path):
-        self._data = tempfile.NamedTemporaryFile(dir=scratch_dir, suffix=".data", delete=False)
+    def __init__(self, scratch: Path):
+        self._data = open(scratch, "wb")
         self._entries: dict[str, dict] = {}
         self._offset = 0
 
@@ -48,6 +47,12 @@ class StreamingSafetensorsWriter:
             out.write(header)
             shutil.copyfileobj(data, out, length=16 << 20)
         Path(self._data.name).unlink()
+
+
+def profile_bytes_per_layer(num_neurons: int, hidden_size: int) -> int:
+    """Bytes one layer's statistics take in a profile (what write_layer writes), for the free-space check."""
+    n, h = num_neurons, hidden_size + 1
+    return 8 * (3 * n + 1) + 4 * n * n + 8 * (n * n + h * h + h * n)
 
 
 def write_layer(writer: StreamingSafetensorsWriter, index: int, stats: ActivationStats) -> None:

@@ -79,7 +79,13 @@ class CMoEConfig(PreTrainedConfig):
             raise ValueError(
                 f"cmoe_layers has {len(self.cmoe_layers)} entries for {self.text_config.num_hidden_layers} layers"
             )
-        self.cmoe_layers = [None if spec is None else _as_spec(spec).to_dict() for spec in self.cmoe_layers]
+        layers = []
+        for index, spec in enumerate(self.cmoe_layers):
+            try:
+                layers.append(None if spec is None else _as_spec(spec).to_dict())
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"cmoe_layers: layer {index}: {error}") from None
+        self.cmoe_layers = layers
 
     @property
     def layer_specs(self) -> list[MoELayerSpec | None]:

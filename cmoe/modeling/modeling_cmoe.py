@@ -5,6 +5,7 @@ checkpoint so that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code
 without cmoe installed.
 """
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -271,7 +272,7 @@ class CMoEPreTrainedModel(PreTrainedModel):
     config_class = CMoEConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -291,6 +292,15 @@ class CMoEPreTrainedModel(PreTrainedModel):
             module.bias.zero_()
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
             module.weight.fill_(1.0)
+
+
+# The cache field of model outputs, under this transformers version's name.
+_OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The decoder forward's name for the key/value cache in this transformers version."""
+    return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
 class CMoEForCausalLM(CMoEPreTrainedModel, GenerationMixin):
@@ -326,20 +336,23 @@ class CMoEForCausalLM(CMoEPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        # transformers renamed `past_key_values` to `cache` (5.2x, the old name goes in 5.40): accept either
+        # and hand the decoder the one its forward declares, so every supported version runs warning-free.
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{_cache_argument(self.model): cache},
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -353,9 +366,9 @@ class CMoEForCausalLM(CMoEPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{_OUTPUT_CACHE: getattr(outputs, _OUTPUT_CACHE)},
         )
 
 

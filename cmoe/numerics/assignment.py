@@ -4,22 +4,49 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 
 def balanced_assignment(cost: torch.Tensor, cluster_size: int) -> torch.Tensor:
     """Labels (n,) putting exactly `cluster_size` rows in each column's cluster at minimal total cost.
 
-    Solved as one square linear assignment: each cluster's column is repeated `cluster_size` times.
+    Exact in O(n k) memory: the transportation problem with supply 1 per row and demand `cluster_size`
+    per cluster (`transport_plan`), whose optimal vertex is a 0/1 plan. The solver is deterministic, so
+    among tied optima the same costs always give the same labels.
     """
     n, clusters = cost.shape
     if n != clusters * cluster_size:
         raise ValueError(f"{n} neurons do not fill {clusters} clusters of {cluster_size}")
-    square = np.repeat(cost.numpy(), cluster_size, axis=1)
-    rows, cols = linear_sum_assignment(square)
-    labels = np.empty(n, dtype=np.int64)
-    labels[rows] = cols // cluster_size
-    return torch.from_numpy(labels)
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64)
+    plan = transport_plan(cost.detach().cpu().double().numpy(), cluster_size)
+    return torch.from_numpy(labels_of_plan(plan, cluster_size))
+
+
+def transport_plan(cost: np.ndarray, cluster_size: int) -> np.ndarray:
+    """The (n, k) optimal plan by POT's network simplex, with integer marginals.
+
+    The iteration cap is ~300x the pivots measured on Hamming costs (about 0.3 n k); a capped run may be
+    suboptimal, so it is an error rather than a result.
+    """
+    import ot  # deferred: importing POT costs ~0.4 s that only grouping needs
+
+    n, clusters = cost.shape
+    supply, demand = np.ones(n), np.full(clusters, float(cluster_size))
+    plan, log = ot.emd(supply, demand, cost, numItermax=100 * n * clusters + 100_000, log=True)
+    if log["result_code"] != 1:
+        raise RuntimeError(f"network simplex stopped before the optimum: {log['warning']}")
+    return plan
+
+
+def labels_of_plan(plan: np.ndarray, cluster_size: int) -> np.ndarray:
+    """Each row's cluster, once the plan is checked to be a 0/1 assignment filling every cluster exactly
+    (integral by total unimodularity; checked because the labels are only meaningful if it is)."""
+    rows = np.arange(plan.shape[0])
+    labels = plan.argmax(axis=1)
+    one_per_row = np.count_nonzero(plan) == rows.size and bool(np.all(plan[rows, labels] == 1.0))
+    if not one_per_row or np.any(np.bincount(labels, minlength=plan.shape[1]) != cluster_size):
+        raise RuntimeError("network simplex returned a plan that is not a balanced 0/1 assignment")
+    return labels.astype(np.int64)
 
 
 def refine_until_stable(
