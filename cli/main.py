@@ -23,6 +23,7 @@ from cmoe.export import EXPORT_FORMATS, run_export
 from cmoe.finetune import MIXTURES, FinetuneOptions, build_finetune_recipe
 from cmoe.finetune import finetune as finetune_from_recipe
 from cmoe.io.artifacts import ABANDONED
+from cmoe.io.memory import release_large_blocks_on_free
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.pipeline.sequential import PROPAGATIONS
@@ -359,6 +360,14 @@ def carve(
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue a carve of the same -o that was killed or interrupted: the layers it finished are "
+            "kept (same options and data required); the result has the bytes of an uninterrupted carve.",
+        ),
+    ] = False,
 ) -> None:
     """Carve a dense model into a Mixture-of-Experts (shared + routed experts, training-free router)."""
     shape = _shape(config, shared, active, experts)
@@ -386,7 +395,7 @@ def carve(
     )
     name = recipe.options.shape.name
     with _layer_progress(f"carve {name}") as on_layer:
-        record = carve_from_recipe(recipe, output, overwrite, on_layer)
+        record = carve_from_recipe(recipe, output, overwrite, on_layer, resume)
     note = (
         f"; {record['leftover_neurons_in_shared']} leftover neurons joined the shared expert"
         if "leftover_neurons_in_shared" in record
@@ -812,6 +821,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("CMOE_DEBUG", "") not in ("", "0")
     previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    release_large_blocks_on_free()
     try:
         _quiet_libraries()
         code = app(args=args, prog_name="cmoe", standalone_mode=False)
@@ -871,5 +881,8 @@ def _quiet_libraries() -> None:
 
 def _fail(message: str, code: int) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    kept = [f"{path}: {note}" for path, note in ABANDONED if note]
+    if kept:
+        first_line += f" [{'; '.join(kept)}]"
     console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
     sys.exit(code)

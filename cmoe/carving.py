@@ -1,5 +1,6 @@
 """`cmoe profile` and `cmoe carve`: validate every input cheaply, run the pipeline, write atomically."""
 
+import shutil
 import time
 from dataclasses import replace
 from collections.abc import Sequence
@@ -12,21 +13,26 @@ from cmoe.errors import CmoeError
 from cmoe.export import export_model
 from cmoe.io.artifacts import StageTimer, claimed_output, command_line, versions
 from cmoe.io.carved import mean_active_neurons, save_carved
+from cmoe.io.lazy import LazyWeights
 from cmoe.io.loading import (
     PreparedModel,
     check_seqlen,
     estimated_weight_bytes,
+    load_layerwise,
     load_model,
     load_tokenizer,
     prepare_model,
 )
 from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
 from cmoe.io.recipe_file import recipe_text
+from cmoe.io.shards import ShardWriter
+from cmoe.methods import METHODS
 from cmoe.io.profile_format import FORMAT, ProfileFile, StreamingSafetensorsWriter, profile_bytes_per_layer
 from cmoe.numerics.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS
 from cmoe.pipeline.runner import LayerCallback
+from cmoe.pipeline.resume import RESUME_DIR, LayerCheckpoints
 from cmoe.pipeline.sequential import Pipeline, Stage, check_stages
-from cmoe.pipeline.stages import Statistics, WriteProfile, as_carved_model, carve_stages
+from cmoe.pipeline.stages import Statistics, WriteCarvedLayer, WriteProfile, as_carved_model, carve_stages
 from cmoe.recipes import Calibration, CarveOptions, CarveRecipe, Compute, check_ka
 
 
@@ -85,7 +91,7 @@ def run_profile(
         _, windows, description = calibration_tokens(calibration, prepared, timer)
         torch.manual_seed(calibration.seed)
         with timer.stage("load_model"):
-            dense = load_model(prepared.source, prepared.dtype)
+            dense, weights = load_layerwise(prepared)
         recipe = {
             "tool": "cmoe profile",
             "source_model": prepared.source.description,
@@ -105,7 +111,15 @@ def run_profile(
             stages = [Statistics(ka, statistic, OPTIONAL_STATISTICS), WriteProfile(writer)]
             with timer.stage("profile"):
                 Pipeline(
-                    dense, stages, windows, compute.batch_size, prepared.device, "dense", StageTimer(), on_layer
+                    dense,
+                    stages,
+                    windows,
+                    compute.batch_size,
+                    prepared.device,
+                    "dense",
+                    StageTimer(),
+                    on_layer,
+                    weights,
                 ).run()
             recipe["timings_s"] = timer.rounded()
             writer.finish(staging, {"format": FORMAT, "recipe": recipe_text(recipe)})
@@ -121,19 +135,29 @@ def run_carve(
     compute: Compute = Compute(),
     overwrite: bool = False,
     on_layer: LayerCallback | None = None,
+    resume: bool = False,
 ) -> dict:
     """Carve the dense model into an MoE and save it atomically with its recipe and model card."""
     recipe = CarveRecipe(model, options, calibration, None if profile is None else str(profile), compute)
-    return carve(recipe, output, overwrite, on_layer)
+    return carve(recipe, output, overwrite, on_layer, resume)
 
 
-def carve(recipe: CarveRecipe, output: Path, overwrite: bool = False, on_layer: LayerCallback | None = None) -> dict:
+def carve(
+    recipe: CarveRecipe,
+    output: Path,
+    overwrite: bool = False,
+    on_layer: LayerCallback | None = None,
+    resume: bool = False,
+) -> dict:
     """Carve as `recipe` says; the returned record (also written to the artifact) holds the replayable
-    recipe under `recipe`, with the model, calibration text and profile as absolute paths."""
+    recipe under `recipe`, with the model, calibration text and profile as absolute paths. Each finished
+    layer is written at once with the state the next needs, so a killed carve continues with `resume`."""
     timer = StageTimer()
     started = time.perf_counter()
     options, compute = recipe.options, recipe.compute
-    with claimed_output(output, overwrite) as slot:
+    if resume and recipe.export_format is not None:
+        raise CmoeError("--resume continues cmoe-format carves; --format carves are written at the end")
+    with claimed_output(output, overwrite, resume=resume) as slot:
         profile = None if recipe.profile is None else Path(recipe.profile)
         check_stages(carve_stages(options, profile, compute.batch_size), has_calibration=recipe.calibration is not None)
         prepared = prepare_model(recipe.model, compute.device, compute.dtype, kind="dense")
@@ -168,18 +192,49 @@ def carve(recipe: CarveRecipe, output: Path, overwrite: bool = False, on_layer: 
             record.update(
                 nsamples=recipe.calibration.nsamples, seqlen=recipe.calibration.seqlen, seed=recipe.calibration.seed
             )
-        with timer.stage("load_model"):
-            dense = load_model(prepared.source, prepared.dtype)
-        carved = carve_model(dense, windows, options, compute.batch_size, prepared.device, timer, on_layer, profile)
-        record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
-        record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
-        record["recipe"] = portable.to_dict()
         with slot.staged() as staging:
+            staging.mkdir(exist_ok=True)
+            weights, writer, extra, checkpoints = None, None, [], None
+            native = recipe.export_format is None
+            with timer.stage("load_model"):
+                if native and not METHODS.get(options.method).needs_gradients:
+                    dense, weights = load_layerwise(prepared)
+                else:
+                    dense = load_model(prepared.source, prepared.dtype)
+            if native:
+                writer = ShardWriter(staging, dense_config.num_hidden_layers + 1)
+                extra = [WriteCarvedLayer(writer)]
+                checkpoints = LayerCheckpoints(staging / RESUME_DIR, portable.to_dict())
+            record["loading"] = "per layer (lazy)" if weights is not None else "whole model"
+            try:
+                carved = carve_model(
+                    dense,
+                    windows,
+                    options,
+                    compute.batch_size,
+                    prepared.device,
+                    timer,
+                    on_layer,
+                    profile,
+                    extra,
+                    weights,
+                    checkpoints,
+                )
+            except BaseException:
+                done = checkpoints.done() if checkpoints is not None else 0
+                if done:
+                    slot.keep_for_resume(f"{done} of {dense_config.num_hidden_layers} layers carved")
+                raise
+            if checkpoints is not None:
+                shutil.rmtree(checkpoints.directory, ignore_errors=True)
+            record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
+            record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
+            record["recipe"] = portable.to_dict()
             with timer.stage("save"):
                 record["timings_s"] = timer.rounded()
                 record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
                 if recipe.export_format is None:
-                    save_carved(carved, tokenizer, staging, record)
+                    save_carved(carved, tokenizer, staging, record, writer)
                 else:
                     export_model(carved, tokenizer, staging, recipe.export_format, record)
         return record
@@ -196,12 +251,16 @@ def carve_model(
     on_layer: LayerCallback | None = None,
     profile: Path | None = None,
     extra_stages: Sequence[Stage] = (),
+    weights: LazyWeights | None = None,
+    checkpoints: LayerCheckpoints | None = None,
 ) -> CMoEForCausalLM:
     """Carve a loaded dense model in place (its MLPs become MoE blocks) on calibration `windows`, or from
     a saved `profile` (windows None), and return it wrapped in the carved architecture. `extra_stages`
-    run after the carve's own stages, on every layer (e.g. to measure each block before propagation)."""
+    run after the carve's own stages, on every layer (e.g. to measure each block before propagation, or to
+    write it out); with lazy `weights` each layer is read before its pass and released once final; with
+    `checkpoints` the state after each layer is saved, and a saved state is resumed."""
     stages = carve_stages(options, profile, batch_size) + list(extra_stages)
-    Pipeline(model, stages, windows, batch_size, device, options.propagate, timer, on_layer).run()
+    Pipeline(model, stages, windows, batch_size, device, options.propagate, timer, on_layer, weights, checkpoints).run()
     return as_carved_model(model, options)
 
 

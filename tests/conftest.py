@@ -31,6 +31,20 @@ def tiny_llama(seed: int = 0, intermediate_size: int = 48, layers: int = 2) -> L
     return LlamaForCausalLM(config).eval()
 
 
+def weights_of(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model, whether one file or sharded."""
+    from cmoe.io.shards import read_tensors
+
+    return read_tensors(Path(directory))
+
+
+def weight_bytes(directory: Path) -> bytes:
+    """The bytes of a saved model's safetensors files and index, in name order (byte-identity checks)."""
+    files = sorted(Path(directory).glob("*.safetensors")) + sorted(Path(directory).glob("*.index.json"))
+    assert files, f"no weights in {directory}"
+    return b"".join(path.name.encode() + path.read_bytes() for path in files)
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A saved tiny random LLaMA directory with the real TinyStories tokenizer, for end-to-end commands."""

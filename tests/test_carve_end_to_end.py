@@ -17,7 +17,7 @@ from cmoe import Calibration, Compute, run_carve, run_perplexity, run_profile
 from cmoe.shape import MoEShape
 from cmoe.io.profile_format import ProfileFile
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID, weights_of
 
 CPU = Compute(device="cpu", dtype="float32", batch_size=2)
 
@@ -32,7 +32,7 @@ def test_carve_save_reload_gives_identical_logits(tiny_model_dir, tmp_path):
     recipe = carve(tiny_model_dir, out)
     for name in (
         "config.json",
-        "model.safetensors",
+        "model.safetensors.index.json",
         "modeling_cmoe.py",
         "configuration_cmoe.py",
         "cmoe_recipe.yaml",
@@ -49,8 +49,7 @@ def test_carve_save_reload_gives_identical_logits(tiny_model_dir, tmp_path):
     model = cmoe.load_carved(out)
     again = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model(ids).logits, again(ids).logits)
-    with safe_open(str(out / "model.safetensors"), "pt") as handle:
-        names = set(handle.keys())
+    names = set(weights_of(out))
     assert "model.layers.0.mlp.router.bias" in names and "model.layers.1.mlp.router.scale" in names
     assert "model.layers.0.mlp.experts.6.down_proj.weight" in names
 
@@ -90,8 +89,7 @@ def test_same_seed_same_carve_and_other_seed_differs(tiny_model_dir, tmp_path):
         carve(tiny_model_dir, tmp_path / name, calibration=Calibration(str(TINYSTORIES_TRAIN), 4, 64, seed))
     weights = {}
     for name in "abc":
-        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as handle:
-            weights[name] = {key: handle.get_tensor(key) for key in handle.keys()}
+        weights[name] = weights_of(tmp_path / name)
     assert all(torch.equal(weights["a"][key], weights["b"][key]) for key in weights["a"])
     assert any(not torch.equal(weights["a"][key], weights["c"][key]) for key in weights["a"])
 

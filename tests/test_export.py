@@ -15,7 +15,7 @@ from cmoe import CarveOptions, MoEShape
 from cmoe.export import EXPORT_FORMATS, run_export
 from cmoe.modeling.modeling_cmoe import select_experts
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, weights_of
 from test_cli import assert_one_line_error, run
 
 CALIBRATION = cmoe.Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64)
@@ -169,15 +169,11 @@ def test_format_refusals_come_before_any_carving(capsys, tmp_path):
 
 def test_finetune_under_a_renormalising_rule_trains_the_gate_and_stays_exportable(tmp_path):
     from cmoe.finetune import FinetuneOptions, run_finetune
-    from safetensors.torch import load_file
 
     carved = carve(tmp_path / "carved", "S1A2E8", "qwen2-moe")
     options = FinetuneOptions(nsamples=4, seqlen=64, batch_size=2, checkpoint_every=0, lr=1e-3, bias_speed=0.0)
     run_finetune(str(carved), [str(TINYSTORIES_TRAIN)], tmp_path / "tuned", options, device="cpu")
-    before, after = (
-        load_file(str(carved / "model.safetensors")),
-        load_file(str(tmp_path / "tuned" / "model.safetensors")),
-    )
+    before, after = weights_of(carved), weights_of(tmp_path / "tuned")
     gates = [name for name in before if name.endswith("router.gate.weight")]
     assert gates and all(not torch.equal(before[name], after[name]) for name in gates)
     assert all(torch.equal(after[name], before[name]) for name in before if name.endswith("router.scale"))

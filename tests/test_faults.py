@@ -16,7 +16,7 @@ import pytest
 from cmoe.io import artifacts
 from cmoe.io.artifacts import claimed_output
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID, weight_bytes
 from test_cli import assert_one_line_error, run, tree
 
 M = str(TINYSTORIES_MODEL)
@@ -28,7 +28,7 @@ def damaged_copy(carved: Path, into: Path, damage: str) -> Path:
     """A copy of a carved model with one kind of damage."""
     out = into / f"damaged-{damage}"
     shutil.copytree(carved, out)
-    config_file, weights = out / "config.json", out / "model.safetensors"
+    config_file, weights = out / "config.json", out / "model-00001-of-00003.safetensors"
     config = json.loads(config_file.read_text())
     first = next(index for index, spec in enumerate(config["cmoe_layers"]) if spec)
     spec = config["cmoe_layers"][first]
@@ -64,7 +64,7 @@ DAMAGES = {
     "layers": "cmoe_layers has",
     "garbled": "not a readable safetensors file",
     "truncated": "not a readable safetensors file",
-    "no-weights": "model.safetensors",
+    "no-weights": "missing (the checkpoint is incomplete)",
     "no-config": "config.json",
 }
 COMMANDS = {
@@ -247,13 +247,30 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) ->
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_carve_exits_130_or_143_and_leaves_nothing(tmp_path, signum, code):
+def test_an_interrupted_carve_exits_130_or_143_and_keeps_its_finished_layers(tmp_path, signum, code):
     process = start([*CARVE_SLOWLY, "-o", str(tmp_path / "out")], tmp_path)
     seen = wait_for_line(process, "layer 1/2")
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == code, seen + err
-    assert f"interrupted; nothing was written to {tmp_path / 'out'}" in err and "Traceback" not in err
+    assert "interrupted; " in err and "1 of 2 layers carved" in err and "--resume" in err, err
+    assert "Traceback" not in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.partial"]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cmoe.cli", *CARVE_SLOWLY, "-o", str(tmp_path / "out"), "--resume"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_interrupt_before_any_layer_is_done_leaves_nothing(tmp_path):
+    process = start([*CARVE_SLOWLY, "-o", str(tmp_path / "out")], tmp_path)
+    wait_for(tmp_path / ".out.lock", process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and f"nothing was written to {tmp_path / 'out'}" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -270,20 +287,25 @@ def test_an_interrupted_finetune_keeps_its_checkpoint_and_resumes(tmp_path, carv
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tuned.checkpoints"]
 
 
-def test_kill_9_then_rerun_removes_the_stale_output_and_finishes(tmp_path):
-    process = start([*CARVE_SLOWLY, "--config", "S1A1E4", "-o", str(tmp_path / "out")], tmp_path)
+def test_kill_9_mid_carve_then_resume_gives_the_bytes_of_an_uninterrupted_carve(tmp_path):
+    args = [*CARVE_SLOWLY, "--config", "S1A1E4"]
+    whole = subprocess.run(
+        [sys.executable, "-m", "cmoe.cli", *args, "-o", str(tmp_path / "whole")], capture_output=True, text=True
+    )
+    assert whole.returncode == 0, whole.stderr
+    process = start([*args, "-o", str(tmp_path / "out")], tmp_path)
     wait_for_line(process, "layer 1/2")
     process.kill()
     process.communicate()
     assert (tmp_path / ".out.lock").exists() and not (tmp_path / "out").exists()
     rerun = subprocess.run(
-        [sys.executable, "-m", "cmoe.cli", *CARVE_SLOWLY, "--config", "S1A1E4", "-o", str(tmp_path / "out")],
+        [sys.executable, "-m", "cmoe.cli", *args, "-o", str(tmp_path / "out"), "--resume"],
         capture_output=True,
         text=True,
     )
     assert rerun.returncode == 0, rerun.stderr
-    assert f"(pid {process.pid} is gone)" in rerun.stderr
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert weight_bytes(tmp_path / "out") == weight_bytes(tmp_path / "whole")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "whole"]
 
 
 def test_two_carves_to_one_output_the_second_refuses_at_once(tmp_path):

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_VALID
-from safetensors.torch import load_file
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_VALID, weight_bytes, weights_of
 from test_cli import assert_one_line_error, run, tree
 from transformers import AutoTokenizer
 
@@ -45,7 +44,7 @@ def finetune(carved_dir, out, data, options=FAST, **kwargs) -> dict:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    return weights_of(path)
 
 
 def router_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -260,7 +259,7 @@ def test_cli_finetune_stops_at_max_steps_and_keeps_a_checkpoint(capsys, tmp_path
         "cpu",
     )
     assert code == 0 and "wrote" in err and "2 steps" in err and "perplexity" in err, err
-    assert (checkpoint_root(out) / "step-000002").is_dir() and (out / "model.safetensors").is_file()
+    assert (checkpoint_root(out) / "step-000002").is_dir() and (out / "model.safetensors.index.json").is_file()
     changed = [
         "finetune",
         str(carved_dir),
@@ -328,8 +327,7 @@ def test_replaying_the_saved_recipe_gives_the_same_bytes_and_explicit_options_ov
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, "finetune", "--recipe", f"first/tuned/{RECIPE_FILE}", "-o", "replayed")
     assert code == 0, err
-    weights = "model.safetensors"
-    assert (tmp_path / "replayed" / weights).read_bytes() == (first / "tuned" / weights).read_bytes()
+    assert weight_bytes(tmp_path / "replayed") == weight_bytes(first / "tuned")
     replayed = read_recipe(tmp_path / "replayed")["finetune"]["recipe"]
     assert replayed == read_recipe(first / "tuned")["finetune"]["recipe"]
     assert replayed["data"] == [{"source": str(first / "train.txt"), "weight": 2.0}]
@@ -338,7 +336,7 @@ def test_replaying_the_saved_recipe_gives_the_same_bytes_and_explicit_options_ov
     assert code == 0, err
     faster = read_recipe(tmp_path / "faster")["finetune"]["recipe"]
     assert faster["options"] == {**replayed["options"], "lr": 1e-2, "seed": 1}
-    assert (tmp_path / "faster" / weights).read_bytes() != (first / "tuned" / weights).read_bytes()
+    assert weight_bytes(tmp_path / "faster") != weight_bytes(first / "tuned")
 
 
 def test_recipes_merge_explicit_values_over_the_file_and_refuse_what_they_do_not_know(tmp_path, carved_dir):

@@ -7,7 +7,7 @@ import torch
 
 from cmoe.calibration import evaluation_windows, load_text, tokenize_text
 from cmoe.errors import CmoeError
-from cmoe.io.loading import check_seqlen, load_model, load_tokenizer, prepare_model
+from cmoe.io.loading import check_seqlen, load_layerwise, load_tokenizer, prepare_model
 from cmoe.pipeline.runner import LayerCallback
 from cmoe.pipeline.sequential import Pipeline
 from cmoe.pipeline.stages import NegativeLogLikelihood
@@ -40,12 +40,13 @@ class PerplexityResult:
 
 
 def layerwise_mean_nll(
-    model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, device="cpu", on_layer=None
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, device="cpu", on_layer=None, weights=None
 ) -> float:
-    """Mean next-token NLL of a loaded model on token windows (N, seqlen), run layer by layer."""
+    """Mean next-token NLL of a model on token windows (N, seqlen), run layer by layer (its layers read
+    one at a time when `weights` holds them)."""
     nll = NegativeLogLikelihood()
     with torch.no_grad():
-        Pipeline(model, [nll], windows, batch_size, device, on_layer=on_layer).run()
+        Pipeline(model, [nll], windows, batch_size, device, on_layer=on_layer, weights=weights).run()
     return nll.mean
 
 
@@ -81,8 +82,8 @@ def run_perplexity(
     if max_windows is None:
         max_windows = text.description.get("default_max_windows")
     windows = evaluation_windows(tokens, seqlen, max_windows)
-    loaded = load_model(prepared.source, prepared.dtype)
-    mean = layerwise_mean_nll(loaded, windows, compute.batch_size, prepared.device, on_layer)
+    loaded, weights = load_layerwise(prepared)
+    mean = layerwise_mean_nll(loaded, windows, compute.batch_size, prepared.device, on_layer, weights)
     return PerplexityResult(
         perplexity=_perplexity(mean),
         nll=mean,

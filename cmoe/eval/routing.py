@@ -14,7 +14,7 @@ from torch import nn
 from cmoe.calibration import evaluation_windows, load_text, tokenize_text
 from cmoe.errors import CmoeError
 from cmoe.io.artifacts import claimed_output, command_line, versions, write_json
-from cmoe.io.loading import check_seqlen, load_model, load_tokenizer, prepare_model
+from cmoe.io.loading import check_seqlen, load_layerwise, load_tokenizer, prepare_model
 from cmoe.numerics.routing_stats import balance_figures, distance_matrix, routing_distributions
 from cmoe.pipeline.sequential import Pipeline
 from cmoe.pipeline.stages import CountRouting
@@ -42,13 +42,13 @@ def parse_sources(specs: list[str]) -> dict[str, str]:
 
 
 def count_routed_tokens(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, on_layer=None
+    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, on_layer=None, weights=None
 ) -> torch.Tensor:
     """(carved layers, experts) int64: how many of the windows' tokens each layer routes to each expert,
     counted by forward hooks on the routers while the model runs one layer at a time."""
     counter = CountRouting()
     with torch.no_grad():
-        Pipeline(model, [counter], windows, batch_size, device, on_layer=on_layer).run()
+        Pipeline(model, [counter], windows, batch_size, device, on_layer=on_layer, weights=weights).run()
     return counter.counts
 
 
@@ -152,9 +152,9 @@ def run_routing_eval(
             name: evaluation_windows(tokenize_text(load_text(text, split).text, tokenizer), seqlen, max_windows)
             for name, text in sources.items()
         }
-        loaded = load_model(source, prepared.dtype)
+        loaded, weights = load_layerwise(prepared)
         counts = {
-            name: count_routed_tokens(loaded, ids, batch_size, prepared.device, on_layer)
+            name: count_routed_tokens(loaded, ids, batch_size, prepared.device, on_layer, weights)
             for name, ids in windows.items()
         }
         top_k = [config.layer_specs[index].top_k for index in layers]

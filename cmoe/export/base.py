@@ -6,21 +6,18 @@ llama.cpp load natively (no `auto_map`, no custom code). Exact means: the export
 carved one's logits (tests compare them in a process where cmoe cannot be imported).
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from cmoe.errors import CmoeError
+from cmoe.io.shards import ShardWriter
 from cmoe.modeling.configuration_cmoe import MoELayerSpec
 from cmoe.modeling.modeling_cmoe import CMoEBlock, LinearGateRouter
 from cmoe.registry import Registry
-
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -197,20 +194,9 @@ def write_sharded(
     """One safetensors shard per decoder layer (written as soon as it is mapped) plus one for the
     embeddings, final norm and LM head, and the index that maps every tensor to its shard."""
     layers = len(view.layers)
-    total = layers + 1
-    weight_map: dict[str, str] = {}
-    size = 0
-
-    def shard(number: int, tensors: dict[str, torch.Tensor]) -> None:
-        nonlocal size
-        name = f"model-{number:05d}-of-{total:05d}.safetensors"
-        plain = {key: _plain(tensor, dtype) for key, tensor in tensors.items()}
-        save_file(plain, str(directory / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(plain, name))
-        size += sum(tensor.numel() * tensor.element_size() for tensor in plain.values())
-
+    writer = ShardWriter(directory, layers + 1, dtype)
     for index in range(layers):
-        shard(index + 1, fmt.layer(view, index))
+        writer.write(index + 1, fmt.layer(view, index))
         if on_layer:
             on_layer(index + 1, layers)
     top = {
@@ -219,13 +205,6 @@ def write_sharded(
     }
     if not view.text_config.tie_word_embeddings or fmt.untied_head:
         top["lm_head.weight"] = view.model.lm_head.weight
-    shard(total, top)
-    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return weight_map
-
-
-def _plain(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A detached, contiguous CPU copy (shared storage, e.g. tied weights, must not reach safetensors)."""
-    tensor = tensor.detach().to("cpu")
-    return (tensor.to(dtype) if dtype is not None else tensor).contiguous().clone()
+    writer.write(layers + 1, top)
+    writer.finish()
+    return writer.weight_map

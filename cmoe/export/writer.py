@@ -21,7 +21,7 @@ def export_model(
     fmt = EXPORT_FORMATS.get(fmt_name)
     view = CarvedView(model, fmt_name)
     check_exportable(view, fmt)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     written_dtype = dtype or model.dtype
     values = {name: value for name, value in fmt.config(view).items() if name != "model_type"}
     config = AutoConfig.for_model(fmt.model_type, **values)

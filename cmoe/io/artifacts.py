@@ -75,9 +75,11 @@ class OutputSlot:
     that died (kill -9, power loss) is removed by the next writer, which says so.
     """
 
-    def __init__(self, path: Path, overwrite: bool, needed_bytes: int | None = None):
+    def __init__(self, path: Path, overwrite: bool, needed_bytes: int | None = None, resume: bool = False):
         self.path = path
         self.overwrite = overwrite
+        self.resume = resume
+        self.keep_staging = False
         self.staging = path.with_name(f".{path.name}.partial")
         self.scratch = path.with_name(f".{path.name}.scratch")
         self.lock = path.with_name(f".{path.name}.lock")
@@ -93,15 +95,22 @@ class OutputSlot:
                 owner = _lock_owner(self.lock)
                 if _alive(owner) or (owner is None and _age_seconds(self.lock) < 10):
                     raise CmoeError(f"{self.path} is being written by pid {owner} (wait for it or choose another -o)")
-                self._clear()
                 _remove(self.lock)
-                log.warning(f"removed a stale partial output of {self.path} (pid {owner} is gone)")
+                if not self.resume:
+                    self._clear()
+                    log.warning(f"removed a stale partial output of {self.path} (pid {owner} is gone)")
                 continue
             except OSError as error:
                 raise CmoeError(f"{self.path.parent}: cannot write the output here ({error.strerror})") from error
             with os.fdopen(descriptor, "w") as handle:
                 handle.write(f"{os.getpid()}\n")
-            return
+            break
+        if self.resume and not self.staging.is_dir():
+            _remove(self.lock)
+            raise CmoeError(f"--resume: no partial output of {self.path} to continue")
+        if not self.resume and self.staging.exists():
+            self._clear()
+            log.warning(f"removed a partial output of {self.path} left by an earlier failed run")
 
     def require_space(self, needed_bytes: int) -> None:
         """The free-space check, once the output's size can be estimated (from the model's config)."""
@@ -113,8 +122,11 @@ class OutputSlot:
 
     @contextmanager
     def staged(self) -> Iterator[Path]:
-        """Yield the staging path; on success it replaces the output in one rename."""
-        self._clear()
+        """Yield the staging path (kept as it is when resuming); on success it replaces the output in one
+        rename."""
+        if not self.resume:
+            self._clear()
+        _remove(self.scratch)
         yield self.staging
         if self.path.exists():
             if not self.overwrite:
@@ -127,18 +139,29 @@ class OutputSlot:
         else:
             os.replace(self.staging, self.path)
 
+    def keep_for_resume(self, note: str) -> None:
+        """On failure, keep the staging (a resumable carve's finished layers) and say so."""
+        self.keep_staging = True
+        self.kept = f"{note} in {self.staging} (continue with --resume)"
+
     def release(self, failed: bool) -> None:
-        self._clear()
+        if failed and self.keep_staging:
+            _remove(self.scratch)
+        else:
+            self._clear()
         _remove(self.lock)
         if failed:
             ABANDONED.append((self.path, self.kept))
 
 
 @contextmanager
-def claimed_output(path: Path, overwrite: bool, needed_bytes: int | None = None) -> Iterator[OutputSlot]:
-    """Claim `path` for this process for the whole command; staging, scratch and lock are removed at the
-    end whatever happens (so a failure never leaves a half-written result that looks complete)."""
-    slot = OutputSlot(path, overwrite, needed_bytes)
+def claimed_output(
+    path: Path, overwrite: bool, needed_bytes: int | None = None, resume: bool = False
+) -> Iterator[OutputSlot]:
+    """Claim `path` for this process for the whole command; scratch and lock are removed at the end
+    whatever happens, and the staging too unless a resumable carve keeps it (a failure never leaves a
+    half-written result under the output's name). `resume` continues the staging an earlier run left."""
+    slot = OutputSlot(path, overwrite, needed_bytes, resume)
     try:
         yield slot
     except BaseException:

@@ -1,17 +1,16 @@
 """Saving and reloading carved models: a Hugging Face directory with its own modeling code."""
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cmoe.errors import CmoeError
 from cmoe.io.recipe_file import RECIPE_FILE, write_recipe
+from cmoe.io.shards import ShardWriter, tensor_shapes
 from cmoe.modeling import configuration_cmoe, modeling_cmoe
 from cmoe.routers import ROUTERS
 
@@ -41,17 +40,40 @@ def carved_config(path: str | Path):
     return without_gguf_quantization(AutoConfig.from_pretrained(path))
 
 
-def save_carved(model: nn.Module, tokenizer, directory: Path, record: dict) -> None:
-    """Weights (safetensors), config with auto_map, modeling code, tokenizer, recipe and model card."""
-    directory.mkdir(parents=True)
+def save_carved(model: nn.Module, tokenizer, directory: Path, record: dict, written: ShardWriter | None = None) -> None:
+    """Weights as one safetensors shard per decoder layer plus one for the rest, with their index (the
+    layers already `written` by a lazy carve are not written again), config with auto_map, modeling
+    code, tokenizer, recipe and model card."""
+    directory.mkdir(parents=True, exist_ok=True)
     without_gguf_quantization(model.config)
     model.config.auto_map = dict(AUTO_MAP)
-    model.save_pretrained(directory)
+    layers = model.model.layers
+    writer = written or ShardWriter(directory, len(layers) + 1)
+    if written is None:
+        for index, layer in enumerate(layers):
+            writer.write(index + 1, layer_tensors(layer, index))
+    top = {
+        "model.embed_tokens.weight": model.model.embed_tokens.weight,
+        "model.norm.weight": model.model.norm.weight,
+    }
+    if not model.config.tie_word_embeddings:
+        top["lm_head.weight"] = model.lm_head.weight
+    writer.write(len(layers) + 1, top)
+    writer.finish()
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     for module in (configuration_cmoe, modeling_cmoe):
         shutil.copy(module.__file__, directory / Path(module.__file__).name)
     write_recipe(directory, record)
     (directory / "README.md").write_text(model_card(model, record))
+
+
+def layer_tensors(layer: nn.Module, index: int) -> dict[str, torch.Tensor]:
+    """A decoder layer's tensors under their names in the whole model's state dict."""
+    return {f"model.layers.{index}.{name}": tensor for name, tensor in layer.state_dict().items()}
 
 
 def load_carved(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -70,30 +92,6 @@ def load_carved(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     return model.to(device).eval()
 
 
-def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape from the safetensors headers (single file or sharded with an index), reading
-    no weights; a file that is not valid safetensors is named in one line."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as error:
-            raise CmoeError(f"{index}: not a valid safetensors index ({error})") from None
-    else:
-        files = ["model.safetensors"]
-    shapes = {}
-    for name in files:
-        file = directory / name
-        if not file.is_file():
-            raise CmoeError(f"{file}: missing (the checkpoint is incomplete)")
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
-        except Exception as error:  # safetensors raises its own error types for every kind of damage
-            raise CmoeError(f"{file}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
-    return shapes
-
-
 def check_carved_checkpoint(directory: Path, config) -> None:
     """The per-layer specs against the tensors, before any weight is read: one line naming the first
     layer and config field that disagree with the checkpoint (rather than transformers' size errors)."""
@@ -102,7 +100,7 @@ def check_carved_checkpoint(directory: Path, config) -> None:
     expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    found = checkpoint_shapes(directory)
+    found = tensor_shapes(directory)
     problems = []
     for name in sorted(set(expected) | set(found)):
         if name not in found:

@@ -17,6 +17,7 @@ import cmoe.modeling  # noqa: F401  (registers the carved architecture with the 
 from cmoe.checks import DTYPE_NAMES, check_device_name, check_dtype_name
 from cmoe.errors import CmoeError
 from cmoe.io.carved import check_carved_checkpoint
+from cmoe.io.lazy import LazyWeights, lazy_weights
 
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -137,6 +138,16 @@ def load_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise CmoeError(f"cannot load {source.description}: {_first_line(error)}") from error
     return model.eval()
+
+
+def load_layerwise(prepared: "PreparedModel") -> tuple[nn.Module, LazyWeights | None]:
+    """The model for a layer-by-layer pipeline: its decoder layers read one at a time from a safetensors
+    checkpoint (with the lazy weights that read them), or whole when it is a GGUF file."""
+    source = prepared.source
+    weights = lazy_weights(source.location, source.gguf_file, prepared.dtype)
+    if weights is None:
+        return load_model(source, prepared.dtype), None
+    return weights.skeleton(prepared.config), weights
 
 
 def _first_line(error: Exception) -> str:

@@ -7,6 +7,9 @@ propagate: the next layer sees the carved outputs (`propagate="carved"`, the ref
 carving) or the dense ones (`propagate="dense"`). Activations wait on the CPU between layers; only one
 layer's weights are on the compute device.
 
+With `weights` (cmoe.io.lazy) the decoder layers hold no weights until they run: each is read before
+its pass and released once final (written out by a stage first, when carving).
+
 Stages declare what they need (`CALIBRATION` data, the layer's `MLP_IO`), so a pipeline without
 calibration data (carving from a saved profile) refuses the stages that cannot run, in their own words.
 """
@@ -20,8 +23,10 @@ from transformers.activations import ACT2FN
 
 from cmoe.errors import CmoeError
 from cmoe.io.artifacts import StageTimer
+from cmoe.io.lazy import LazyWeights
 from cmoe.numerics.statistics import ActivationStats
 from cmoe.pipeline.probe import ProbedMLP
+from cmoe.pipeline.resume import LayerCheckpoints, Progress
 from cmoe.pipeline.runner import LayerCallback, LayerRunner, decoder_of
 from cmoe.registry import Registry
 
@@ -77,8 +82,19 @@ class Stage:
     def layer(self, pipeline: "Pipeline", work: LayerWork) -> None:
         """After the layer ran on every batch (when there is calibration data), before propagation."""
 
+    def after(self, pipeline: "Pipeline", work: LayerWork) -> None:
+        """When the layer is final: its block in place, the next layer's inputs propagated (e.g. to write
+        it out before a lazy pipeline releases its weights)."""
+
     def end(self, pipeline: "Pipeline") -> None:
         """After the last layer."""
+
+    def state(self):
+        """What this stage carries from one layer to the next (saved after each layer for --resume)."""
+        return None
+
+    def restore(self, pipeline: "Pipeline", state, done: int) -> None:
+        """Resume after `done` finished layers with the state `state()` returned then."""
 
     def close(self, pipeline: "Pipeline") -> None:
         """Always, success or failure: release hooks and the like."""
@@ -104,6 +120,8 @@ class Pipeline:
         propagate: str = "carved",
         timer: StageTimer | None = None,
         on_layer: LayerCallback | None = None,
+        weights: LazyWeights | None = None,
+        checkpoints: LayerCheckpoints | None = None,
     ):
         PROPAGATIONS.check(propagate)
         check_stages(stages, windows is not None)
@@ -114,6 +132,8 @@ class Pipeline:
         self.propagate = propagate
         self.timer = timer or StageTimer()
         self.on_layer = on_layer
+        self.weights = weights
+        self.checkpoints = checkpoints
         self.runner = LayerRunner(model, windows, batch_size, self.device) if windows is not None else None
         self.additive = True
         requests = [request for request in (stage.statistics() for stage in stages) if request is not None]
@@ -135,17 +155,51 @@ class Pipeline:
                 with self.timer.stage("capture"):
                     self.runner.capture()
                     if self.carving and self.propagate == "carved":
+                        self._load(0)
                         self.additive = self.runner.mlp_is_additive(0)
             total = len(self.layers)
-            self._report(0, total)
-            for index, layer in enumerate(self.layers):
-                self._process(LayerWork(index, layer, layer.mlp))
+            start = self._resume()
+            self._report(start, total)
+            for index in range(start, total):
+                layer = self.layers[index]
+                self._load(index)
+                work = LayerWork(index, layer, layer.mlp)
+                self._process(work)
+                for stage in self.stages:
+                    stage.after(self, work)
+                if self.weights is not None:
+                    self.weights.release(self.model, index)
+                self._save_progress(index + 1)
                 self._report(index + 1, total)
             for stage in self.stages:
                 stage.end(self)
         finally:
             for stage in self.stages:
                 stage.close(self)
+
+    def _resume(self) -> int:
+        """The first layer to run: 0, or after the layers a killed run of the same carve finished."""
+        progress = self.checkpoints.load() if self.checkpoints is not None else None
+        if progress is None:
+            return 0
+        if self.runner is not None:
+            for batch, hidden in zip(self.runner.batches, progress.hidden, strict=True):
+                batch.hidden = hidden
+        for stage, state in zip(self.stages, progress.stage_states, strict=True):
+            stage.restore(self, state, progress.done)
+        return progress.done
+
+    def _save_progress(self, done: int) -> None:
+        if self.checkpoints is None or done == len(self.layers):
+            return
+        with self.timer.stage("resume_state"):
+            hidden = [batch.hidden for batch in self.runner.batches] if self.runner is not None else []
+            self.checkpoints.save(Progress(done, hidden, [stage.state() for stage in self.stages]))
+
+    def _load(self, index: int) -> None:
+        if self.weights is not None:
+            with self.timer.stage("load_layer"):
+                self.weights.load(self.model, index)
 
     def _report(self, done: int, total: int) -> None:
         if self.on_layer:

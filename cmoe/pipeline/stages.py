@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from cmoe.io.carved import layer_tensors
 from cmoe.io.profile_format import ProfileFile, StreamingSafetensorsWriter, write_layer
+from cmoe.io.shards import ShardWriter
 from cmoe.methods import METHODS
 from cmoe.modeling.configuration_cmoe import CMoEConfig
-from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
+from cmoe.modeling.modeling_cmoe import CMoEBlock, CMoEForCausalLM
 from cmoe.numerics.budget import allocate_active_experts, selection_errors
 from cmoe.numerics.grouping import check_partition, layer_seed
 from cmoe.numerics.refit import REFIT_RIDGE
@@ -72,6 +74,23 @@ class WriteProfile(Stage):
         write_layer(self.writer, work.index, work.stats.to("cpu"))
 
 
+class WriteCarvedLayer(Stage):
+    """Write each layer to its output shard as soon as it is final (a lazy carve then releases it)."""
+
+    name = "write"
+
+    def __init__(self, writer: ShardWriter):
+        self.writer = writer
+
+    def after(self, pipeline: Pipeline, work: LayerWork) -> None:
+        with pipeline.timer.stage(self.name):
+            self.writer.write(work.index + 1, layer_tensors(work.layer, work.index))
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        for index in range(done):
+            self.writer.adopt(index + 1)
+
+
 class GradientImportance(Stage):
     """Before the layer loop: the whole-model gradient pass of LLaMA-MoE's Sharing methods."""
 
@@ -109,6 +128,14 @@ class BuildBlock(Stage):
                 dense, work.stats, self.options, pipeline.model.config.hidden_act, work.index, importance
             )
             dense.to("cpu")
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        """The layers a resumed carve skips were written already: they keep only their block's shape."""
+        config = pipeline.model.config
+        spec = self.options.shape.layer_spec(config.intermediate_size, self.options.router, self.options.gating)
+        for layer in list(pipeline.layers)[:done]:
+            with torch.device("meta"):
+                layer.mlp = CMoEBlock(config.hidden_size, config.hidden_act, spec)
 
 
 class Rescale(Stage):
@@ -187,6 +214,12 @@ class AdaptiveBudget(Stage):
             self.errors.append(
                 relative_selection_errors(work.block.to(pipeline.device), work.inputs, work.outputs, residual)
             )
+
+    def state(self) -> list[torch.Tensor]:
+        return self.errors
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        self.errors = list(state)
 
     def end(self, pipeline: Pipeline) -> None:
         allocation = allocate_active_experts(torch.stack(self.errors), len(pipeline.layers) * self.active)

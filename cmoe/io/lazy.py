@@ -1,0 +1,96 @@
+"""Models loaded one decoder layer at a time: a 70B model never sits whole in host memory.
+
+The skeleton is built with its parameters on the meta device; the embeddings, final norm and LM head
+are read at once; each decoder layer's tensors are read from the checkpoint's safetensors (one file or
+sharded, a local directory or a hub snapshot) when the pipeline runs that layer, and released after it.
+The values are those `from_pretrained(dtype=...)` gives (each tensor cast alone), so a lazy run and a
+run on the whole model compute the same bits.
+"""
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedConfig
+
+from cmoe.errors import CmoeError
+from cmoe.io.shards import checkpoint_files, read_tensors
+
+LAYER_PREFIX = "model.layers."
+EMBEDDINGS, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+class LazyWeights:
+    """Where a model's tensors are, and which decoder layers currently hold theirs."""
+
+    def __init__(self, directory: Path, dtype: torch.dtype):
+        self.directory = directory
+        self.dtype = dtype
+        self.files = checkpoint_files(directory)
+        self.loaded: set[int] = set()
+
+    def skeleton(self, config: PreTrainedConfig) -> nn.Module:
+        """The model with every weight outside the decoder layers loaded, the layers on the meta device."""
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        outside = [name for name in self.files if not name.startswith(LAYER_PREFIX)]
+        tensors = self._read(outside)
+        if getattr(model.config, "tie_word_embeddings", False):
+            # A tied checkpoint may hold either name (transformers saves whichever it keeps).
+            shared = tensors.pop(EMBEDDINGS, None)
+            shared = tensors.pop(HEAD, shared) if shared is None else shared
+            tensors.pop(HEAD, None)
+            if shared is not None:
+                tensors[EMBEDDINGS] = shared
+        model.load_state_dict(tensors, strict=False, assign=True)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        missing = [name for name, tensor in model.named_parameters() if tensor.is_meta and _outside(name)]
+        if missing:
+            raise CmoeError(f"{self.directory}: the checkpoint has no {missing[0]}")
+        return model.eval()
+
+    def load(self, model: nn.Module, index: int) -> None:
+        """Read decoder layer `index`'s tensors into it (no-op when it holds them)."""
+        if index in self.loaded:
+            return
+        prefix = f"{LAYER_PREFIX}{index}."
+        self._assign(model.model.layers[index], prefix, [name for name in self.files if name.startswith(prefix)])
+        self.loaded.add(index)
+
+    def release(self, model: nn.Module, index: int) -> None:
+        """Drop decoder layer `index`'s tensors (the module stays, on the meta device)."""
+        model.model.layers[index].to("meta")
+        self.loaded.discard(index)
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {name: self._cast(tensor) for name, tensor in read_tensors(self.directory, names).items()}
+
+    def _assign(self, module: nn.Module, prefix: str, names: list[str]) -> None:
+        state = {name[len(prefix) :]: tensor for name, tensor in self._read(names).items()}
+        expected = set(module.state_dict())
+        if set(state) != expected:
+            differing = sorted(set(state) ^ expected)
+            raise CmoeError(f"{self.directory}: {prefix}{differing[0]} does not match the model's config")
+        module.load_state_dict(state, assign=True)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+def _outside(name: str) -> bool:
+    return not name.startswith(LAYER_PREFIX)
+
+
+def lazy_weights(location: str, gguf_file: str | None, dtype: torch.dtype) -> LazyWeights | None:
+    """Lazy weights for a local safetensors directory (or a hub snapshot's), None where the model must be
+    read whole (a GGUF file: its tensors dequantise through transformers' loader)."""
+    if gguf_file:
+        return None
+    directory = Path(location)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(location, allow_patterns=["*.safetensors", "*.json"]))
+    return LazyWeights(directory, dtype)

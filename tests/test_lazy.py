@@ -1,0 +1,190 @@
+"""Layer-by-layer loading and streamed writing: the same bits as a run on the whole model, one decoder
+layer's weights in memory at a time, sharded checkpoints in and out."""
+
+import filecmp
+
+import pytest
+import torch
+
+import cmoe
+from cmoe import Calibration, CarveOptions, Compute, MoEShape
+from cmoe.calibration import evaluation_windows, load_text, tokenize_text
+from cmoe.carving import calibration_tokens, carve_model
+from cmoe.eval.perplexity import perplexity_of, run_perplexity
+from cmoe.io.artifacts import StageTimer
+from cmoe.io.carved import save_carved
+from cmoe.io.lazy import LazyWeights
+from cmoe.io.loading import load_model, load_tokenizer, prepare_model
+from cmoe.io.shards import INDEX_FILE
+from cmoe.pipeline.sequential import LayerWork, Pipeline, Stage
+from cmoe.pipeline.stages import Statistics
+
+from conftest import TINYSTORIES_TRAIN, TINYSTORIES_VALID, weights_of
+
+CALIBRATION = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
+
+
+@pytest.fixture
+def sharded_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model re-saved in several safetensors shards with an index."""
+    model = load_model(prepare_model(str(tiny_model_dir), "cpu", "auto").source, torch.float32)
+    out = tmp_path / "sharded"
+    model.save_pretrained(out, max_shard_size="20KB")
+    load_tokenizer(prepare_model(str(tiny_model_dir), "cpu", "auto").source).save_pretrained(out)
+    assert (out / INDEX_FILE).is_file() and len(list(out.glob("*.safetensors"))) > 2
+    return out
+
+
+def whole_model_carve(model_dir, out, options):
+    """The same carve with the model loaded whole (the public carve_model API), saved by the same writer."""
+    prepared = prepare_model(str(model_dir), "cpu", "auto", kind="dense")
+    tokenizer, windows, _ = calibration_tokens(CALIBRATION, prepared, StageTimer())
+    carved = carve_model(load_model(prepared.source, prepared.dtype), windows, options)
+    save_carved(carved, tokenizer, out, {})
+    return carved
+
+
+@pytest.mark.parametrize("shape", ["S1A1E8", "S2A2E8"])
+def test_a_lazy_carve_writes_the_bits_of_a_whole_model_carve(sharded_model_dir, tmp_path, shape):
+    options = CarveOptions(MoEShape.parse(shape), router="linear", refit_down=True)
+    record = cmoe.run_carve(str(sharded_model_dir), tmp_path / "lazy", options, CALIBRATION, compute=Compute("cpu"))
+    assert record["loading"] == "per layer (lazy)"
+    whole_model_carve(sharded_model_dir, tmp_path / "whole", options)
+    shards = sorted(path.name for path in (tmp_path / "lazy").glob("*.safetensors"))
+    assert shards == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    ]
+    for name in [*shards, INDEX_FILE]:
+        assert filecmp.cmp(tmp_path / "lazy" / name, tmp_path / "whole" / name, shallow=False), name
+
+
+class CountLoadedLayers(Stage):
+    """Records how many decoder layers hold real (non-meta) weights while each layer is processed."""
+
+    name = "count"
+
+    def __init__(self):
+        self.loaded: list[int] = []
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        layers = pipeline.layers
+        self.loaded.append(sum(not next(layer.parameters()).is_meta for layer in layers))
+
+
+def test_only_the_running_layer_holds_weights(tiny_model_dir):
+    prepared = prepare_model(str(tiny_model_dir), "cpu", "auto", kind="dense")
+    _, windows, _ = calibration_tokens(CALIBRATION, prepared, StageTimer())
+    weights = LazyWeights(tiny_model_dir, torch.float32)
+    model = weights.skeleton(prepared.config)
+    assert all(next(layer.parameters()).is_meta for layer in model.model.layers)
+    assert not model.model.embed_tokens.weight.is_meta and not model.lm_head.weight.is_meta
+    counter = CountLoadedLayers()
+    Pipeline(model, [Statistics(4, "normalized", ()), counter], windows, weights=weights).run()
+    assert counter.loaded == [1, 1]
+    assert all(next(layer.parameters()).is_meta for layer in model.model.layers)
+
+
+def test_lazy_perplexity_of_dense_and_carved_models_equals_the_whole_models(tiny_model_dir, tmp_path):
+    options = CarveOptions(MoEShape.parse("S1A1E4"))
+    carved = whole_model_carve(tiny_model_dir, tmp_path / "carved", options)
+    prepared = prepare_model(str(tiny_model_dir), "cpu", "auto")
+    tokens = tokenize_text(load_text(str(TINYSTORIES_VALID)).text, load_tokenizer(prepared.source))
+    windows = evaluation_windows(tokens, 64, 4)
+    dense = load_model(prepared.source, torch.float32)
+    for model, directory in ((dense, tiny_model_dir), (carved, tmp_path / "carved")):
+        lazy = run_perplexity(str(directory), str(TINYSTORIES_VALID), 64, 4, compute=Compute("cpu")).perplexity
+        assert lazy == perplexity_of(model, windows)
+
+
+def test_a_tied_checkpoint_that_saved_only_the_head_loads_lazily():
+    """The TinyStories checkpoint ties its embeddings and stores them as `lm_head.weight` only."""
+    from conftest import TINYSTORIES_MODEL
+
+    assert "model.embed_tokens.weight" not in weights_of(TINYSTORIES_MODEL)
+    prepared = prepare_model(str(TINYSTORIES_MODEL), "cpu", "auto")
+    weights = LazyWeights(TINYSTORIES_MODEL, torch.float32)
+    model = weights.skeleton(prepared.config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for index in range(len(model.model.layers)):
+        weights.load(model, index)
+    whole = load_model(prepared.source, torch.float32)
+    assert model.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(tensor, whole.state_dict()[name]) for name, tensor in model.state_dict().items())
+
+
+@pytest.fixture
+def four_layer_dir(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINYSTORIES_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(TINYSTORIES_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    directory = tmp_path / "four-layers"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def crash_after(layers: int):
+    def report(done: int, total: int) -> None:
+        if done == layers:
+            raise RuntimeError("simulated crash")
+
+    return report
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        CarveOptions(MoEShape.parse("S1A2E8"), router="linear", refit_down=True),
+        CarveOptions(MoEShape.parse("S1A2E8"), budget="adaptive"),
+    ],
+    ids=["refit", "adaptive-budget"],
+)
+def test_a_crashed_carve_resumes_to_the_bytes_of_an_uninterrupted_one(four_layer_dir, tmp_path, options):
+    from conftest import weight_bytes
+
+    cpu = Compute("cpu")
+    cmoe.run_carve(str(four_layer_dir), tmp_path / "whole", options, CALIBRATION, compute=cpu)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cmoe.run_carve(str(four_layer_dir), out, options, CALIBRATION, compute=cpu, on_layer=crash_after(2))
+    partial = tmp_path / ".out.partial"
+    assert not out.exists() and (partial / ".resume" / "state.pt").is_file()
+    assert sorted(path.name for path in partial.glob("*.safetensors")) == [
+        "model-00001-of-00005.safetensors",
+        "model-00002-of-00005.safetensors",
+    ]
+    resumed = cmoe.run_carve(str(four_layer_dir), out, options, CALIBRATION, compute=cpu, resume=True)
+    assert weight_bytes(out) == weight_bytes(tmp_path / "whole")
+    assert (out / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
+    assert resumed["active_experts_per_layer"] == cmoe.read_recipe(tmp_path / "whole")["active_experts_per_layer"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["four-layers", "out", "whole"]
+
+
+def test_resume_refuses_other_options_and_a_missing_partial_and_a_fresh_run_clears_it(four_layer_dir, tmp_path):
+    cpu, options = Compute("cpu"), CarveOptions(MoEShape.parse("S1A2E8"))
+    out = tmp_path / "out"
+    with pytest.raises(cmoe.CmoeError, match="no partial output"):
+        cmoe.run_carve(str(four_layer_dir), out, options, CALIBRATION, compute=cpu, resume=True)
+    with pytest.raises(RuntimeError):
+        cmoe.run_carve(str(four_layer_dir), out, options, CALIBRATION, compute=cpu, on_layer=crash_after(1))
+    other = CarveOptions(MoEShape.parse("S2A2E8"))
+    with pytest.raises(cmoe.CmoeError, match="another recipe \\(options differ\\)"):
+        cmoe.run_carve(str(four_layer_dir), out, other, CALIBRATION, compute=cpu, resume=True)
+    assert (tmp_path / ".out.partial").is_dir() and not (tmp_path / ".out.lock").exists()
+    cmoe.run_carve(str(four_layer_dir), out, other, CALIBRATION, compute=cpu)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["four-layers", "out"]
