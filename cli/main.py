@@ -7,11 +7,13 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cmoe.carving import carve as carve_from_recipe
@@ -37,7 +39,7 @@ app = typer.Typer(
     help="Carve a dense LLaMA-style model into a Mixture-of-Experts without training (CMoE).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 eval_app = typer.Typer(help="Evaluate dense and carved models.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -94,6 +96,7 @@ DtypeOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result (paths, figures, timings) as JSON on stdout.")]
 StatisticOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -103,13 +106,23 @@ StatisticOpt = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"cmoe {version('cmoe')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks on errors (or set CMOE_DEBUG=1).")
     ] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", help="Print cmoe's version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
 ) -> None:
-    """Read by `main` from the arguments before parsing; declared here for --help."""
+    """`--debug` is read by `main` from the arguments before parsing; declared here for --help."""
 
 
 class _Progress:
@@ -128,7 +141,7 @@ class _Progress:
             if done % self.every == 0 or done == total:
                 elapsed = time.perf_counter() - self.started
                 extra = "".join(f" {value}" for value in fields.values() if isinstance(value, str))
-                console.print(f"{description}{extra} ({elapsed:.0f} s)", highlight=False, soft_wrap=True)
+                console.print(f"{description}{extra} ({elapsed:.0f} s)", highlight=False, soft_wrap=True, markup=False)
             return
         if self.task is None:
             self.bar.start()
@@ -158,6 +171,14 @@ def _layer_progress(label: str) -> Iterator:
         progress.stop()
 
 
+def _report(as_json: bool, result: dict, line: str) -> None:
+    """The command's result: one line on stderr, or with --json the whole result as JSON on stdout."""
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
 def _compute(device: str, dtype: str, batch_size: int) -> Compute:
     return Compute(device=device, dtype=dtype, batch_size=batch_size)
 
@@ -176,6 +197,7 @@ def profile(
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
     overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Profile neuron activations of a dense model on calibration text, one layer at a time.
 
@@ -191,9 +213,11 @@ def profile(
             on_layer,
             statistic or "normalized",
         )
-    console.print(
+    _report(
+        as_json,
+        {"output": str(output), **recipe},
         f"wrote {output} ({recipe['num_layers']} layers, {recipe['calibration']['calibration_tokens']} tokens, "
-        f"{recipe['timings_s']['profile']:.1f} s)"
+        f"{recipe['timings_s']['profile']:.1f} s)",
     )
 
 
@@ -368,6 +392,7 @@ def carve(
             "kept (same options and data required); the result has the bytes of an uninterrupted carve.",
         ),
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Carve a dense model into a Mixture-of-Experts (shared + routed experts, training-free router)."""
     shape = _shape(config, shared, active, experts)
@@ -401,7 +426,11 @@ def carve(
         if "leftover_neurons_in_shared" in record
         else ""
     )
-    console.print(f"wrote {output} ({name}, {record['timings_s']['total']:.1f} s{note})")
+    _report(
+        as_json,
+        {"output": str(output), **record},
+        f"wrote {output} ({name}, {record['timings_s']['total']:.1f} s{note})",
+    )
 
 
 def _shape(config, shared, active, experts):
@@ -432,11 +461,16 @@ def export(
         str, typer.Option("--dtype", help="auto (the carved model's), float32, bfloat16 or float16.")
     ] = "auto",
     overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export a carved model to a standard MoE architecture that transformers, vLLM, SGLang and llama.cpp load."""
     with _layer_progress(f"export {export_format}") as on_layer:
         record = run_export(model, export_format, output, dtype, overwrite, on_layer)
-    console.print(f"wrote {output} ({record['export']['model_type']}, {record['export']['dtype']})")
+    _report(
+        as_json,
+        {"output": str(output), **record},
+        f"wrote {output} ({record['export']['model_type']}, {record['export']['dtype']})",
+    )
 
 
 @eval_app.command()
@@ -452,7 +486,7 @@ def perplexity(
         Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (quick runs).")
     ] = None,
     split: Annotated[str, typer.Option("--split", help="Split of a named source: test, validation or train.")] = "test",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
@@ -496,15 +530,18 @@ def routing(
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
     overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Expert load per layer and data source, balance figures, heatmaps and routing distances (LLaMA-MoE figs 4, 5)."""
     with _layer_progress("routing") as on_layer:
         report = run_routing_eval(
             model, data, output, layer, seqlen, max_windows, split, device, dtype, batch_size, overwrite, on_layer
         )
-    console.print(
+    _report(
+        as_json,
+        {"output": str(output), **report},
         f"wrote {output} ({len(report['sources'])} sources, {len(report['layers'])} layers, distances at layer "
-        f"{report['distance_layer']})"
+        f"{report['distance_layer']})",
     )
 
 
@@ -751,6 +788,7 @@ def finetune(
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Recovery fine-tuning of a carved model (CMoE's LoRA recipe; LLaMA-MoE's static or dynamic data mixtures)."""
     options = {
@@ -786,10 +824,11 @@ def finetune(
     summary = record["finetune"]
     curve = summary["eval_curve"]
     quality = f", perplexity {curve[0]['perplexity']:.2f} -> {curve[-1]['perplexity']:.2f}" if len(curve) > 1 else ""
-    console.print(
+    _report(
+        as_json,
+        {"output": str(output), **record},
         f"wrote {output} ({summary['steps']} steps, {summary['tokens']} tokens, "
         f"{summary['tokens_per_second'] or 0:.0f} tok/s{quality})",
-        soft_wrap=True,
     )
 
 
@@ -822,6 +861,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("CMOE_DEBUG", "") not in ("", "0")
     previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     release_large_blocks_on_free()
+    ABANDONED.clear()  # what this command abandoned (in-process callers run many commands)
     try:
         _quiet_libraries()
         code = app(args=args, prog_name="cmoe", standalone_mode=False)
@@ -835,7 +875,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error), 2)
     except _USAGE_ERROR as error:
         if error.ctx is not None:
-            console.print(error.ctx.get_usage(), highlight=False, soft_wrap=True)
+            console.print(error.ctx.get_usage(), highlight=False, soft_wrap=True, markup=False)
         _fail(f"{error.format_message()} (see cmoe --help)", 2)
     except _CLICK_ERROR as error:
         _fail(f"{error.format_message()} (see cmoe --help)", 2)
@@ -854,7 +894,7 @@ def _interrupted(signum: int) -> None:
     kept = [f"{path}: {note}" for path, note in ABANDONED if note]
     lost = [str(path) for path, note in ABANDONED if not note]
     what = "; ".join([*kept, *(f"nothing was written to {path}" for path in lost)]) or "nothing was written"
-    console.print(f"interrupted; {what}", highlight=False, soft_wrap=True)
+    console.print(f"interrupted; {what}", highlight=False, soft_wrap=True, markup=False)
     sys.exit(128 + signum)
 
 
@@ -862,7 +902,7 @@ class _NoteHandler(logging.Handler):
     """cmoe's own notices (e.g. a stale partial output removed): one line each on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        console.print(f"note: {record.getMessage()}", highlight=False, soft_wrap=True)
+        console.print(f"note: {record.getMessage()}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _quiet_libraries() -> None:
@@ -883,6 +923,6 @@ def _fail(message: str, code: int) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     kept = [f"{path}: {note}" for path, note in ABANDONED if note]
     if kept:
-        first_line += f" [{'; '.join(kept)}]"
-    console.print(f"[red]error:[/red] {first_line}", highlight=False, soft_wrap=True)
+        first_line += f" (kept: {'; '.join(kept)})"
+    console.print(f"[red]error:[/red] {escape(first_line)}", highlight=False, soft_wrap=True)
     sys.exit(code)

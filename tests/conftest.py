@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random LLaMA models built in the test, and the real assets in ../shared."""
+"""Shared fixtures: tiny random LLaMA models built in the test, and the real assets the repository carries
+in tests/fixtures (a trained TinyStories model and small texts; origins and licenses in its README)."""
 
 from pathlib import Path
 
@@ -8,11 +9,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cmoe import Calibration, CarveOptions, Compute, MoEShape, run_carve
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TINYSTORIES_MODEL = SHARED / "models" / "tinystories-656k"
-TINYSTORIES_TRAIN = SHARED / "data" / "tinystories" / "TinyStoriesV2-GPT4-train-first2MiB.txt"
-TINYSTORIES_VALID = SHARED / "data" / "tinystories" / "TinyStories-valid-excerpt.txt"
-WIKI_VALID = SHARED / "data" / "wikitext-2" / "wiki.valid.tokens"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINYSTORIES_MODEL = FIXTURES / "tinystories-656k"
+TINYSTORIES_TRAIN = FIXTURES / "text" / "TinyStoriesV2-GPT4-train-first2MiB.txt"
+TINYSTORIES_VALID = FIXTURES / "text" / "TinyStories-valid-excerpt.txt"
+WIKI_VALID = FIXTURES / "text" / "wiki.valid-first-128KiB.tokens"
 
 
 def tiny_llama(seed: int = 0, intermediate_size: int = 48, layers: int = 2) -> LlamaForCausalLM:

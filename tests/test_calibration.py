@@ -28,10 +28,10 @@ from cmoe.calibration import (
 
 from cmoe.errors import CmoeError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TOKENIZER_DIR = SHARED / "models" / "tinystories-656k"
-TINYSTORIES_VALID = SHARED / "data" / "tinystories" / "TinyStories-valid-excerpt.txt"
-WIKITEXT_VALID = SHARED / "data" / "wikitext-2" / "wiki.valid.tokens"
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_VALID, WIKI_VALID
+
+TOKENIZER_DIR = TINYSTORIES_MODEL
+WIKITEXT_VALID = WIKI_VALID
 
 DOCS = ["Once upon a time, a cat sat.", "The dog ran home.\nIt was late.", "Ünïcödé — ok."]
 JOINED = "\n\n".join(DOCS)

@@ -172,3 +172,42 @@ def test_help_explains_every_option(capsys):
         assert code == 0
         for option in ("--data", "--seqlen", "--device", "--dtype"):
             assert option in out
+
+
+def test_version_and_completion_are_offered(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"cmoe {version('cmoe')}"
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "--install-completion" in out
+
+
+def test_a_missing_relative_path_is_answered_at_once_not_sent_to_the_hub(capsys, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    started = time.perf_counter()
+    assert_one_line_error(capsys, ["eval", "perplexity", "out/ts-S3A3E8", "--data", str(TINYSTORIES_VALID)], "no such")
+    assert time.perf_counter() - started < 5
+
+
+def test_every_command_prints_its_result_as_json_and_creates_missing_parents(capsys, tmp_path):
+    out = tmp_path / "new" / "dirs" / "carved"
+    code, stdout, err = run(capsys, "carve", M, "--config", "S1A1E4", "-o", str(out), *CAL, "--json")
+    carved = json.loads(stdout)
+    assert (
+        code == 0 and carved["output"] == str(out) and carved["config"] == "S1A1E4" and "total" in carved["timings_s"]
+    )
+    assert "carve S1A1E4 layer 1/2 (" in err  # plain progress lines: stderr is not a terminal
+    profile = tmp_path / "p.safetensors"
+    code, stdout, _ = run(capsys, "profile", M, "-o", str(profile), *CAL, "--json")
+    assert code == 0 and json.loads(stdout)["num_layers"] == 2
+    code, stdout, _ = run(capsys, "export", str(out), "--format", "qwen2-moe", "-o", str(tmp_path / "x"), "--json")
+    assert code != 0  # the analytic router has no place in qwen2-moe: refused, nothing printed on stdout
+    assert stdout == ""
+    routed = tmp_path / "routing"
+    args = ["eval", "routing", str(out), "--data", f"v={TINYSTORIES_VALID}", "--seqlen", "64", "-o", str(routed)]
+    code, stdout, _ = run(capsys, *args, "--json", "--device", "cpu")
+    assert code == 0 and json.loads(stdout)["output"] == str(routed)

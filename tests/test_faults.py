@@ -117,7 +117,19 @@ def test_usage_errors_exit_2_with_the_usage_line(capsys, tmp_path, args, expecte
 def outputs(tmp_path: Path) -> list:
     """Cases about the output location and the inputs' sizes, checked before any heavy work."""
     return [
-        (["carve", M, "-o", str(tmp_path / "missing" / "out"), "--data", VALID, *CAL], "parent directory"),
+        (
+            [
+                "carve",
+                M,
+                "-o",
+                str(tmp_path / "missing" / "deeper" / "out"),
+                "--data",
+                str(tmp_path / "nope.txt"),
+                *CAL,
+            ],
+            "nope.txt",
+        ),
+        (["carve", M, "-o", str(tmp_path / "file.txt" / "out"), "--data", VALID, *CAL], "cannot create the output's"),
         (
             ["carve", M, "-o", str(tmp_path / "out"), "--data", VALID, "--nsamples", "100000000", "--seqlen", "64"],
             "more than the calibration text's",
@@ -138,6 +150,7 @@ def outputs(tmp_path: Path) -> list:
 @pytest.mark.parametrize("case", range(len(outputs(Path("/x")))))
 def test_output_and_size_problems_are_found_before_any_heavy_work(capsys, tmp_path, case):
     args, expected = outputs(tmp_path)[case]
+    (tmp_path / "file.txt").write_text("not a directory")
     before = tree(tmp_path)
     started = time.perf_counter()
     assert_one_line_error(capsys, args, expected)
@@ -246,6 +259,7 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) ->
     raise AssertionError(f"never printed {text!r}: {seen}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_carve_exits_130_or_143_and_keeps_its_finished_layers(tmp_path, signum, code):
     process = start([*CARVE_SLOWLY, "-o", str(tmp_path / "out")], tmp_path)
@@ -265,6 +279,7 @@ def test_an_interrupted_carve_exits_130_or_143_and_keeps_its_finished_layers(tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.slow
 def test_an_interrupt_before_any_layer_is_done_leaves_nothing(tmp_path):
     process = start([*CARVE_SLOWLY, "-o", str(tmp_path / "out")], tmp_path)
     wait_for(tmp_path / ".out.lock", process)
@@ -274,6 +289,7 @@ def test_an_interrupt_before_any_layer_is_done_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_interrupted_finetune_keeps_its_checkpoint_and_resumes(tmp_path, carved_dir, train_text):
     args = ["finetune", str(carved_dir), "--data", str(train_text), "--seqlen", "64", "--nsamples", "400"]
     args += ["--batch-size", "2", "--checkpoint-every", "2", "--eval-windows", "2", "--device", "cpu"]
@@ -287,6 +303,7 @@ def test_an_interrupted_finetune_keeps_its_checkpoint_and_resumes(tmp_path, carv
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tuned.checkpoints"]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_carve_then_resume_gives_the_bytes_of_an_uninterrupted_carve(tmp_path):
     args = [*CARVE_SLOWLY, "--config", "S1A1E4"]
     whole = subprocess.run(
@@ -308,6 +325,7 @@ def test_kill_9_mid_carve_then_resume_gives_the_bytes_of_an_uninterrupted_carve(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "whole"]
 
 
+@pytest.mark.slow
 def test_two_carves_to_one_output_the_second_refuses_at_once(tmp_path):
     slow = ["carve", M, "--data", str(TINYSTORIES_TRAIN), "--nsamples", "400", "--seqlen", "256", "--device", "cpu"]
     first = start([*slow, "-o", str(tmp_path / "out")], tmp_path)
@@ -324,6 +342,7 @@ def test_two_carves_to_one_output_the_second_refuses_at_once(tmp_path):
     assert first.returncode == 130 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_full_filesystem_fails_in_one_line_and_leaves_nothing(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

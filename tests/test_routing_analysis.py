@@ -133,3 +133,18 @@ def test_cli_writes_the_analysis_and_checks_its_inputs(carved, tmp_path, capsys)
         capsys, [*base, "-o", str(out), "--data", f"s={TINYSTORIES_VALID}", "--seqlen", "32"], str(out)
     )
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_per_layer_heatmap_compares_sources_as_fractions(carved, tmp_path, monkeypatch):
+    """Sources of different lengths: each row of the per-layer load figure is that source's distribution."""
+    from cmoe.eval import routing
+
+    drawn = {}
+    monkeypatch.setattr(routing, "plot_heatmap", lambda path, matrix, *args: drawn.setdefault(path.name, matrix))
+    short = tmp_path / "short.txt"
+    short.write_text(TINYSTORIES_VALID.read_text(encoding="utf-8")[:2000], encoding="utf-8")
+    data = [f"short={short}", f"long={TINYSTORIES_VALID}"]
+    report = run_routing_eval(str(carved), data, tmp_path / "a", seqlen=64, max_windows=40, device="cpu")
+    assert report["data"]["short"]["tokens"] < report["data"]["long"]["tokens"]
+    rows = drawn[f"load_layer{report['distance_layer']}.png"]
+    assert torch.allclose(rows.sum(dim=1), torch.ones(2))

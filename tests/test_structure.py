@@ -330,3 +330,18 @@ def test_one_layer_loop_in_the_library():
     sources = {path.relative_to(PACKAGE).as_posix(): path.read_text() for path in PACKAGE.rglob("*.py")}
     assert [name for name, text in sources.items() if ".run_layer(" in text] == ["pipeline/sequential.py"]
     assert [name for name, text in sources.items() if "LayerRunner(" in text] == ["pipeline/sequential.py"]
+
+
+def test_the_suite_needs_nothing_beside_the_repository():
+    """Every asset a test reads is under tests/fixtures (a fresh clone has no ../shared)."""
+    tests = Path(__file__).resolve().parent
+    for path in tests.glob("*.py"):
+        if path.name == Path(__file__).name:
+            continue
+        text = path.read_text()
+        assert '/ "shared"' not in text and "parents[2]" not in text and "../shared" not in text, path.name
+    from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID, WIKI_VALID
+
+    for asset in (TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID, WIKI_VALID):
+        assert asset.exists() and tests / "fixtures" in asset.parents, asset
+    assert (tests / "fixtures" / "README.md").read_text().count("license") >= 1

@@ -196,12 +196,13 @@ def _write_figures(
         )
     names = list(counts)
     at_layer = torch.stack([counts[name][layers.index(chosen)] for name in names]).float()
+    # Each source's row as fractions: sources of different lengths are compared by their distributions.
     plot_heatmap(
         directory / f"load_layer{chosen}.png",
-        at_layer,
+        at_layer / at_layer.sum(dim=1, keepdim=True).clamp_min(1),
         names,
         "data source",
-        f"Routed tokens per expert at layer {chosen}",
-        "routed tokens",
+        f"Expert load at layer {chosen}, per data source",
+        "fraction of routed assignments",
     )
     plot_distances(directory / f"distances_layer{chosen}.png", torch.tensor(report["distances"]), names, chosen)

@@ -45,12 +45,16 @@ ABANDONED: list[tuple[Path, str | None]] = []
 
 
 def check_output_path(path: Path, overwrite: bool, needed_bytes: int | None = None) -> None:
-    """Fail early, before any heavy work: the output exists and may not be replaced, its directory is
-    missing or not writable, or the disk has less free space than the output is estimated to need."""
+    """Fail early, before any heavy work: the output exists and may not be replaced, its directory cannot
+    be created (missing parents are made, as `mkdir -p`) or written, or the disk has less free space than
+    the output is estimated to need."""
     if path.exists() and not overwrite:
         raise CmoeError(f"{path} already exists (pass --overwrite to replace it)")
-    if not path.parent.exists():
-        raise CmoeError(f"{path.parent}: the output's parent directory does not exist")
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CmoeError(f"{path.parent}: cannot create the output's directory ({error.strerror})") from None
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise CmoeError(f"{path.parent}: the output's directory is not writable")
     if needed_bytes is not None:
@@ -84,6 +88,7 @@ class OutputSlot:
         self.scratch = path.with_name(f".{path.name}.scratch")
         self.lock = path.with_name(f".{path.name}.lock")
         self.kept: str | None = None
+        self.created = [parent for parent in reversed(path.parents) if not parent.exists()]
         check_output_path(path, overwrite, needed_bytes)
         self._claim()
 
@@ -152,6 +157,9 @@ class OutputSlot:
         _remove(self.lock)
         if failed:
             ABANDONED.append((self.path, self.kept))
+            if not self.keep_staging:
+                for directory in reversed(self.created):
+                    _remove_if_empty(directory)
 
 
 @contextmanager
@@ -168,6 +176,13 @@ def claimed_output(
         slot.release(failed=True)
         raise
     slot.release(failed=False)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 def _lock_owner(lock: Path) -> int | None:

@@ -56,6 +56,9 @@ def resolve_source(spec: str) -> ModelSource:
         return ModelSource(str(path.resolve()))
     if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or not _HUB_ID.match(spec):
         raise CmoeError(f"{spec}: no such file or directory")
+    if len(path.parts) > 1 and Path(path.parts[0]).is_dir():
+        # `out/ts-S3A3E8` where ./out exists is a local path that is missing, not a hub id to retry.
+        raise CmoeError(f"{spec}: no such file or directory (./{path.parts[0]} exists; hub ids are OWNER/NAME)")
     return ModelSource(spec)
 
 
