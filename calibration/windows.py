@@ -39,8 +39,8 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
 
 def check_fits_text(nsamples: int, seqlen: int, available: int, unit: str) -> None:
     """A command's calibration never asks for more tokens than its text holds (windows may overlap, but a
-    larger request is a mistake, and would take minutes to cut): checked on characters before
-    tokenising (a token spans at least one character), then on the tokens."""
+    larger request is a mistake, and would take minutes to cut): checked on UTF-8 bytes before
+    tokenising (a token spans at least one byte, besides a few special ones), then on the tokens."""
     if nsamples * seqlen > available:
         raise CmoeError(
             f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen} tokens, more than the calibration "

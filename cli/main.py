@@ -874,6 +874,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(str(error), 2)
     except _USAGE_ERROR as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `cmoe` or `cmoe eval` alone: the help was shown
+            if error.format_message().strip():
+                console.print(error.format_message(), highlight=False, soft_wrap=True, markup=False)
+            sys.exit(2)
         if error.ctx is not None:
             console.print(error.ctx.get_usage(), highlight=False, soft_wrap=True, markup=False)
         _fail(f"{error.format_message()} (see cmoe --help)", 2)
@@ -884,10 +888,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(f"{type(error).__name__}: {error} (rerun with --debug for the traceback)", 1)
     finally:
-        # Done (or failing): a late Ctrl-C must not interrupt the interpreter's exit with a traceback.
-        late = signal.SIG_IGN if argv is None else None
+        # Done (or failing): a late Ctrl-C must not interrupt the interpreter's exit with a traceback;
+        # SIGTERM keeps its default, so a supervisor can still stop a process that hangs on exit.
         for signum, handler in previous.items():
-            signal.signal(signum, late or handler)
+            if argv is None and signum == signal.SIGINT:
+                signal.signal(signum, signal.SIG_IGN)
+            elif handler is not None:
+                signal.signal(signum, handler)
 
 
 def _interrupted(signum: int) -> None:

@@ -11,7 +11,7 @@ import torch
 from cmoe.calibration import calibration_windows, check_fits_text, load_text, tokenize_text
 from cmoe.errors import CmoeError
 from cmoe.export import export_model
-from cmoe.io.artifacts import StageTimer, claimed_output, command_line, versions
+from cmoe.io.artifacts import RESUME_DIR, StageTimer, claimed_output, command_line, versions
 from cmoe.io.carved import mean_active_neurons, save_carved
 from cmoe.io.lazy import LazyWeights
 from cmoe.io.loading import (
@@ -30,7 +30,7 @@ from cmoe.methods import METHODS
 from cmoe.io.profile_format import FORMAT, ProfileFile, StreamingSafetensorsWriter, profile_bytes_per_layer
 from cmoe.numerics.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS
 from cmoe.pipeline.runner import LayerCallback
-from cmoe.pipeline.resume import RESUME_DIR, LayerCheckpoints
+from cmoe.pipeline.resume import LayerCheckpoints
 from cmoe.pipeline.sequential import Pipeline, Stage, check_stages
 from cmoe.pipeline.stages import Statistics, WriteCarvedLayer, WriteProfile, as_carved_model, carve_stages
 from cmoe.recipes import Calibration, CarveOptions, CarveRecipe, Compute, check_ka
@@ -48,7 +48,7 @@ def calibration_tokens(calibration: Calibration, prepared: PreparedModel, timer:
                 f"{text.description['sha256'][:12]}, recipe {calibration.sha256[:12]}): "
                 "pass --data to carve on it anyway"
             )
-        check_fits_text(calibration.nsamples, calibration.seqlen, len(text.text) + 1, "characters")
+        check_fits_text(calibration.nsamples, calibration.seqlen, len(text.text.encode()) + 2, "bytes")
         tokens = tokenize_text(text.text, tokenizer)
         check_fits_text(calibration.nsamples, calibration.seqlen, int(tokens.numel()), "tokens")
         windows = calibration_windows(tokens, calibration.nsamples, calibration.seqlen, calibration.seed)
@@ -61,6 +61,22 @@ def calibration_tokens(calibration: Calibration, prepared: PreparedModel, timer:
         "calibration_tokens": int(windows.numel()),
     }
     return tokenizer, windows, description
+
+
+def resume_fingerprint(portable: CarveRecipe, prepared: PreparedModel, profile: Path | None) -> dict:
+    """What a resumed carve must share with the run it continues: the recipe, the device and dtype it
+    resolved to, the versions that compute, and the profile file as it was."""
+    found = versions()
+    fingerprint = {
+        **portable.to_dict(),
+        "device": str(prepared.device),
+        "dtype": _dtype_name(prepared.dtype),
+        "versions": {name: found.get(name) for name in ("cmoe", "torch", "transformers", "pot")},
+    }
+    if profile is not None:
+        stat = profile.stat()
+        fingerprint["profile"] = {"bytes": stat.st_size, "modified_ns": stat.st_mtime_ns}
+    return fingerprint
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -204,7 +220,7 @@ def carve(
             if native:
                 writer = ShardWriter(staging, dense_config.num_hidden_layers + 1)
                 extra = [WriteCarvedLayer(writer)]
-                checkpoints = LayerCheckpoints(staging / RESUME_DIR, portable.to_dict())
+                checkpoints = LayerCheckpoints(staging / RESUME_DIR, resume_fingerprint(portable, prepared, profile))
             record["loading"] = "per layer (lazy)" if weights is not None else "whole model"
             try:
                 carved = carve_model(
@@ -220,23 +236,23 @@ def carve(
                     weights,
                     checkpoints,
                 )
+                record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
+                record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
+                record["recipe"] = portable.to_dict()
+                with timer.stage("save"):
+                    record["timings_s"] = timer.rounded()
+                    record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+                    if recipe.export_format is None:
+                        save_carved(carved, tokenizer, staging, record, writer)
+                    else:
+                        export_model(carved, tokenizer, staging, recipe.export_format, record)
+                if checkpoints is not None:
+                    shutil.rmtree(checkpoints.directory)
             except BaseException:
                 done = checkpoints.done() if checkpoints is not None else 0
                 if done:
                     slot.keep_for_resume(f"{done} of {dense_config.num_hidden_layers} layers carved")
                 raise
-            if checkpoints is not None:
-                shutil.rmtree(checkpoints.directory, ignore_errors=True)
-            record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
-            record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
-            record["recipe"] = portable.to_dict()
-            with timer.stage("save"):
-                record["timings_s"] = timer.rounded()
-                record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-                if recipe.export_format is None:
-                    save_carved(carved, tokenizer, staging, record, writer)
-                else:
-                    export_model(carved, tokenizer, staging, recipe.export_format, record)
         return record
 
 

@@ -104,9 +104,11 @@ def test_output_is_atomic_and_refuses_to_overwrite(tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(cmoe.carving, "save_carved", explode)
     with pytest.raises(RuntimeError):
         carve(tiny_model_dir, out)
-    assert not out.exists() and not list(tmp_path.glob(".carved*"))
+    # Nothing under the output's name; the layers finished before the failed save are kept for --resume.
+    assert not out.exists() and sorted(path.name for path in tmp_path.glob(".carved*")) == [".carved.partial"]
     monkeypatch.undo()
-    carve(tiny_model_dir, out)
+    carve(tiny_model_dir, out, resume=True)
+    assert not list(tmp_path.glob(".carved*"))
     with pytest.raises(cmoe.CmoeError, match="already exists"):
         carve(tiny_model_dir, out)
     carve(tiny_model_dir, out, config="S2A2E4", overwrite=True)

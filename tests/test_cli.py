@@ -181,6 +181,8 @@ def test_version_and_completion_are_offered(capsys):
     assert code == 0 and out.strip() == f"cmoe {version('cmoe')}"
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "--install-completion" in out
+    code, out, err = run(capsys)  # no command: the whole help, not just its first line
+    assert code == 2 and "Commands" in out and "carve" in out and not err.strip()
 
 
 def test_a_missing_relative_path_is_answered_at_once_not_sent_to_the_hub(capsys, tmp_path, monkeypatch):

@@ -175,16 +175,54 @@ def test_a_crashed_carve_resumes_to_the_bytes_of_an_uninterrupted_one(four_layer
     assert sorted(path.name for path in tmp_path.iterdir()) == ["four-layers", "out", "whole"]
 
 
-def test_resume_refuses_other_options_and_a_missing_partial_and_a_fresh_run_clears_it(four_layer_dir, tmp_path):
+def test_resume_refuses_other_options_and_a_missing_partial_and_only_overwrite_discards_it(four_layer_dir, tmp_path):
     cpu, options = Compute("cpu"), CarveOptions(MoEShape.parse("S1A2E8"))
     out = tmp_path / "out"
     with pytest.raises(cmoe.CmoeError, match="no partial output"):
         cmoe.run_carve(str(four_layer_dir), out, options, CALIBRATION, compute=cpu, resume=True)
     with pytest.raises(RuntimeError):
         cmoe.run_carve(str(four_layer_dir), out, options, CALIBRATION, compute=cpu, on_layer=crash_after(1))
+    missing = Calibration(str(tmp_path / "gone.txt"), 4, 64, 0)
+    with pytest.raises(cmoe.CmoeError, match="gone.txt"):
+        cmoe.run_carve(str(four_layer_dir), out, options, missing, compute=cpu, resume=True)
+    assert (tmp_path / ".out.partial" / ".resume" / "state.pt").is_file()  # a failed resume keeps it
     other = CarveOptions(MoEShape.parse("S2A2E8"))
     with pytest.raises(cmoe.CmoeError, match="another recipe \\(options differ\\)"):
         cmoe.run_carve(str(four_layer_dir), out, other, CALIBRATION, compute=cpu, resume=True)
     assert (tmp_path / ".out.partial").is_dir() and not (tmp_path / ".out.lock").exists()
-    cmoe.run_carve(str(four_layer_dir), out, other, CALIBRATION, compute=cpu)
+    with pytest.raises(cmoe.CmoeError, match="pass --resume to continue it or --overwrite to start over"):
+        cmoe.run_carve(str(four_layer_dir), out, other, CALIBRATION, compute=cpu)
+    assert (tmp_path / ".out.partial" / ".resume").is_dir()
+    cmoe.run_carve(str(four_layer_dir), out, other, CALIBRATION, compute=cpu, overwrite=True)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["four-layers", "out"]
+
+
+def test_checkpoints_lazy_loading_cannot_map_are_read_whole(tmp_path):
+    """An exported Qwen2-MoE stores per-expert tensors that transformers fuses on load: read whole."""
+    from cmoe.export import run_export
+    from cmoe.io.loading import load_layerwise
+
+    from conftest import TINYSTORIES_MODEL
+
+    options = CarveOptions(MoEShape.parse("S1A2E8"), router="linear-gate", gating="softmax-renorm")
+    cmoe.run_carve(str(TINYSTORIES_MODEL), tmp_path / "carved", options, CALIBRATION, compute=Compute("cpu"))
+    run_export(str(tmp_path / "carved"), "qwen2-moe", tmp_path / "qwen")
+    model, weights = load_layerwise(prepare_model(str(tmp_path / "qwen"), "cpu", "auto"))
+    assert weights is None and not next(model.model.layers[0].parameters()).is_meta
+    result = run_perplexity(str(tmp_path / "qwen"), str(TINYSTORIES_VALID), 64, 2, compute=Compute("cpu"))
+    assert result.perplexity == perplexity_of(model, result_windows(tmp_path / "qwen"))
+
+
+def result_windows(directory):
+    tokenizer = load_tokenizer(prepare_model(str(directory), "cpu", "auto").source)
+    return evaluation_windows(tokenize_text(load_text(str(TINYSTORIES_VALID)).text, tokenizer), 64, 2)
+
+
+def test_a_lazy_carve_keeps_the_source_generation_config(tiny_model_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    GenerationConfig(eos_token_id=[1, 7], temperature=0.3, do_sample=True).save_pretrained(tiny_model_dir)
+    options = CarveOptions(MoEShape.parse("S1A1E8"))
+    cmoe.run_carve(str(tiny_model_dir), tmp_path / "out", options, CALIBRATION, compute=Compute("cpu"))
+    saved = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert saved.eos_token_id == [1, 7] and saved.temperature == 0.3

@@ -1,5 +1,6 @@
 """Atomic outputs and the recipe every artifact carries."""
 
+import fcntl
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ def versions() -> dict[str, str]:
 
 
 log = logging.getLogger("cmoe")
+# Inside a carve's staging: the per-layer state that makes it resumable (cmoe.pipeline.resume).
+RESUME_DIR = ".resume"
 # Outputs this process abandoned (an error or an interrupt), each with what was kept (e.g. a checkpoint).
 ABANDONED: list[tuple[Path, str | None]] = []
 
@@ -71,55 +74,76 @@ def _gib(size: int) -> str:
 
 
 class OutputSlot:
-    """The one writer of an output, claimed before any heavy work: a lock file holding the writer's PID,
-    a staging path and a scratch path with stable names, and `staged()`, which renames the finished
-    staging onto the output in one step.
+    """The one writer of an output, claimed before any heavy work: a lock file (held with `flock`, so
+    the kernel frees it when its process dies, and holding the writer's PID for messages), a staging
+    path and a scratch path with stable names, and `staged()`, which renames the finished staging onto
+    the output in one step.
 
-    A second writer of the same output refuses at once while the first lives; a slot left by a process
-    that died (kill -9, power loss) is removed by the next writer, which says so.
+    A second writer of the same output refuses at once while the first lives. What a dead writer left
+    (kill -9, power loss) is removed by the next writer, which says so; a partial carve that can be
+    resumed is kept for `--resume` and removed only with `--overwrite`.
     """
 
     def __init__(self, path: Path, overwrite: bool, needed_bytes: int | None = None, resume: bool = False):
         self.path = path
         self.overwrite = overwrite
         self.resume = resume
-        self.keep_staging = False
+        self.keep_staging = resume  # a failed resume must not lose the layers it was asked to continue
         self.staging = path.with_name(f".{path.name}.partial")
         self.scratch = path.with_name(f".{path.name}.scratch")
         self.lock = path.with_name(f".{path.name}.lock")
-        self.kept: str | None = None
+        self.kept: str | None = None  # what a failed command keeps besides the staging (e.g. a checkpoint)
+        self._staging_note = f"the partial output is kept in {self.staging} (continue with --resume)"
         self.created = [parent for parent in reversed(path.parents) if not parent.exists()]
-        check_output_path(path, overwrite, needed_bytes)
-        self._claim()
+        self._descriptor: int | None = None
+        try:
+            check_output_path(path, overwrite, None if resume else needed_bytes)
+            self._claim()
+        except BaseException:
+            self._unlock()
+            for directory in reversed(self.created):
+                _remove_if_empty(directory)
+            raise
 
     def _claim(self) -> None:
         while True:
             try:
-                descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = _lock_owner(self.lock)
-                if _alive(owner) or (owner is None and _age_seconds(self.lock) < 10):
-                    raise CmoeError(f"{self.path} is being written by pid {owner} (wait for it or choose another -o)")
-                _remove(self.lock)
-                if not self.resume:
-                    self._clear()
-                    log.warning(f"removed a stale partial output of {self.path} (pid {owner} is gone)")
-                continue
+                descriptor = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as error:
                 raise CmoeError(f"{self.path.parent}: cannot write the output here ({error.strerror})") from error
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(f"{os.getpid()}\n")
-            break
-        if self.resume and not self.staging.is_dir():
-            _remove(self.lock)
-            raise CmoeError(f"--resume: no partial output of {self.path} to continue")
-        if not self.resume and self.staging.exists():
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                owner = _lock_owner(self.lock)
+                raise CmoeError(
+                    f"{self.path} is being written by pid {owner} (wait for it or choose another -o)"
+                ) from None
+            if _same_file(descriptor, self.lock):
+                break
+            os.close(descriptor)  # the holder released (unlinked) it while we waited: take the new one
+        previous = os.read(descriptor, 64).decode(errors="replace").split()
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self._descriptor = descriptor
+        dead = f" (pid {previous[0]} is gone)" if previous else ""
+        if self.resume:
+            if not self.staging.is_dir():
+                raise CmoeError(f"--resume: no partial output of {self.path} to continue")
+            return
+        if (self.staging / RESUME_DIR).is_dir() and not self.overwrite:
+            raise CmoeError(
+                f"{self.path}: a partial carve is kept in {self.staging}{dead}: pass --resume to continue it or "
+                "--overwrite to start over"
+            )
+        if self.staging.exists() or self.scratch.exists():
             self._clear()
-            log.warning(f"removed a partial output of {self.path} left by an earlier failed run")
+            log.warning(f"removed a stale partial output of {self.path}{dead}")
 
     def require_space(self, needed_bytes: int) -> None:
-        """The free-space check, once the output's size can be estimated (from the model's config)."""
-        check_output_path(self.path, True, needed_bytes)
+        """The free-space check, once the output's size can be estimated (from the model's config); what
+        a resumed staging already holds counts as written."""
+        check_output_path(self.path, True, max(0, needed_bytes - _size(self.staging)))
 
     def _clear(self) -> None:
         _remove(self.staging)
@@ -147,19 +171,45 @@ class OutputSlot:
     def keep_for_resume(self, note: str) -> None:
         """On failure, keep the staging (a resumable carve's finished layers) and say so."""
         self.keep_staging = True
-        self.kept = f"{note} in {self.staging} (continue with --resume)"
+        self._staging_note = f"{note} in {self.staging} (continue with --resume)"
 
     def release(self, failed: bool) -> None:
-        if failed and self.keep_staging:
+        kept_staging = failed and self.keep_staging and self.staging.exists()
+        if kept_staging:
             _remove(self.scratch)
         else:
             self._clear()
-        _remove(self.lock)
+        self._unlock()
         if failed:
-            ABANDONED.append((self.path, self.kept))
-            if not self.keep_staging:
+            notes = [note for note in (self._staging_note if kept_staging else None, self.kept) if note]
+            ABANDONED.append((self.path, "; ".join(notes) or None))
+            if not self.staging.exists():
                 for directory in reversed(self.created):
                     _remove_if_empty(directory)
+
+    def _unlock(self) -> None:
+        """Unlink the lock before closing it: a waiter that then gets the old file sees it is no longer
+        the lock (`_same_file`) and takes the new one."""
+        if self._descriptor is None:
+            return
+        _remove(self.lock)
+        os.close(self._descriptor)
+        self._descriptor = None
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        return os.fstat(descriptor).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _size(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return (
+        sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir() else path.stat().st_size
+    )
 
 
 @contextmanager
@@ -190,27 +240,6 @@ def _lock_owner(lock: Path) -> int | None:
         return int(lock.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _age_seconds(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except OSError:
-        return float("inf")
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:

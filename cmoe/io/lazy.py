@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
 from cmoe.errors import CmoeError
 from cmoe.io.shards import checkpoint_files, read_tensors
@@ -30,10 +30,14 @@ class LazyWeights:
         self.files = checkpoint_files(directory)
         self.loaded: set[int] = set()
 
-    def skeleton(self, config: PreTrainedConfig) -> nn.Module:
-        """The model with every weight outside the decoder layers loaded, the layers on the meta device."""
+    def skeleton(self, config: PreTrainedConfig) -> nn.Module | None:
+        """The model with every weight outside the decoder layers loaded, the layers on the meta device;
+        None when the checkpoint's layer tensors are not the model's own (e.g. per-expert tensors that
+        `from_pretrained` converts to fused ones): such a model is read whole."""
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        if not self._layers_match(model):
+            return None
         outside = [name for name in self.files if not name.startswith(LAYER_PREFIX)]
         tensors = self._read(outside)
         if getattr(model.config, "tie_word_embeddings", False):
@@ -49,7 +53,18 @@ class LazyWeights:
         missing = [name for name, tensor in model.named_parameters() if tensor.is_meta and _outside(name)]
         if missing:
             raise CmoeError(f"{self.directory}: the checkpoint has no {missing[0]}")
+        if (self.directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(self.directory)
         return model.eval()
+
+    def _layers_match(self, model: nn.Module) -> bool:
+        """Every decoder layer's tensor names in the checkpoint are exactly the model's (names only)."""
+        for index, layer in enumerate(model.model.layers):
+            prefix = f"{LAYER_PREFIX}{index}."
+            stored = {name[len(prefix) :] for name in self.files if name.startswith(prefix)}
+            if stored != set(layer.state_dict()):
+                return False
+        return True
 
     def load(self, model: nn.Module, index: int) -> None:
         """Read decoder layer `index`'s tensors into it (no-op when it holds them)."""
@@ -85,7 +100,8 @@ def _outside(name: str) -> bool:
 
 def lazy_weights(location: str, gguf_file: str | None, dtype: torch.dtype) -> LazyWeights | None:
     """Lazy weights for a local safetensors directory (or a hub snapshot's), None where the model must be
-    read whole (a GGUF file: its tensors dequantise through transformers' loader)."""
+    read whole (a GGUF file, whose tensors dequantise through transformers' loader, or a checkpoint
+    without safetensors)."""
     if gguf_file:
         return None
     directory = Path(location)
@@ -93,4 +109,6 @@ def lazy_weights(location: str, gguf_file: str | None, dtype: torch.dtype) -> La
         from huggingface_hub import snapshot_download
 
         directory = Path(snapshot_download(location, allow_patterns=["*.safetensors", "*.json"]))
+    if not any(directory.glob("*.safetensors")):
+        return None
     return LazyWeights(directory, dtype)

@@ -145,12 +145,14 @@ def load_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
 
 def load_layerwise(prepared: "PreparedModel") -> tuple[nn.Module, LazyWeights | None]:
     """The model for a layer-by-layer pipeline: its decoder layers read one at a time from a safetensors
-    checkpoint (with the lazy weights that read them), or whole when it is a GGUF file."""
+    checkpoint whose tensors are the model's own (with the lazy weights that read them), else whole (a
+    GGUF file, `.bin` weights, tensors `from_pretrained` converts)."""
     source = prepared.source
     weights = lazy_weights(source.location, source.gguf_file, prepared.dtype)
-    if weights is None:
+    model = weights.skeleton(prepared.config) if weights is not None else None
+    if model is None:
         return load_model(source, prepared.dtype), None
-    return weights.skeleton(prepared.config), weights
+    return model, weights
 
 
 def _first_line(error: Exception) -> str:

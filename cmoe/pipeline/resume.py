@@ -12,7 +12,6 @@ import torch
 
 from cmoe.errors import CmoeError
 
-RESUME_DIR = ".resume"
 STATE_FILE = "state.pt"
 DONE_FILE = "done.json"
 
@@ -41,13 +40,15 @@ class LayerCheckpoints:
         payload["stage_states"] = progress.stage_states
         torch.save(payload, scratch)
         os.replace(scratch, self.directory / STATE_FILE)
-        (self.directory / DONE_FILE).write_text(json.dumps({"done": progress.done}) + "\n")
+        done = self.directory / f"{DONE_FILE}.writing"
+        done.write_text(json.dumps({"done": progress.done}) + "\n")
+        os.replace(done, self.directory / DONE_FILE)
 
     def load(self) -> Progress | None:
         path = self.directory / STATE_FILE
         if not path.is_file():
             return None
-        payload = torch.load(path, weights_only=False)
+        payload = torch.load(path, weights_only=True)
         if payload["fingerprint"] != self.fingerprint:
             differing = sorted(
                 key
@@ -62,5 +63,7 @@ class LayerCheckpoints:
 
     def done(self) -> int:
         """Layers finished so far (0 when nothing was saved), read without loading the activations."""
-        path = self.directory / DONE_FILE
-        return json.loads(path.read_text())["done"] if path.is_file() else 0
+        try:
+            return json.loads((self.directory / DONE_FILE).read_text())["done"]
+        except (OSError, ValueError, KeyError):
+            return 0

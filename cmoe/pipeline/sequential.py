@@ -170,6 +170,7 @@ class Pipeline:
                 if self.weights is not None:
                     self.weights.release(self.model, index)
                 self._save_progress(index + 1)
+                work = None  # its dense MLP and activations go before the next layer is read
                 self._report(index + 1, total)
             for stage in self.stages:
                 stage.end(self)
@@ -187,6 +188,8 @@ class Pipeline:
                 batch.hidden = hidden
         for stage, state in zip(self.stages, progress.stage_states, strict=True):
             stage.restore(self, state, progress.done)
+        if self.weights is not None:
+            self.weights.release(self.model, 0)  # read for the additivity check only: it is done
         return progress.done
 
     def _save_progress(self, done: int) -> None:
