@@ -46,9 +46,8 @@ def weight_bytes(directory: Path) -> bytes:
     return b"".join(path.name.encode() + path.read_bytes() for path in files)
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    """A saved tiny random LLaMA directory with the real TinyStories tokenizer, for end-to-end commands."""
+def save_tiny_model(directory: Path, layers: int = 2) -> Path:
+    """A saved tiny random LLaMA (untied head) with the real TinyStories tokenizer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TINYSTORIES_MODEL)
@@ -56,16 +55,21 @@ def tiny_model_dir(tmp_path):
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
         max_position_embeddings=256,
     )
-    directory = tmp_path / "tiny-dense"
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny random LLaMA directory with the real TinyStories tokenizer, for end-to-end commands."""
+    return save_tiny_model(tmp_path / "tiny-dense")
 
 
 @pytest.fixture

@@ -116,26 +116,9 @@ def test_a_tied_checkpoint_that_saved_only_the_head_loads_lazily():
 
 @pytest.fixture
 def four_layer_dir(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_model
 
-    from conftest import TINYSTORIES_MODEL
-
-    tokenizer = AutoTokenizer.from_pretrained(TINYSTORIES_MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    directory = tmp_path / "four-layers"
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path / "four-layers", layers=4)
 
 
 def crash_after(layers: int):

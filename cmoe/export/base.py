@@ -165,6 +165,16 @@ def swiglu_tensors(mlp: nn.Module, prefix: str, names=("gate_proj", "up_proj", "
     }
 
 
+def experts_tensors(block: nn.Module, prefix: str, shared_name: str = "shared_experts") -> dict[str, torch.Tensor]:
+    """A carved block's routed experts (`PREFIX.experts.E.*`) and shared block (`PREFIX.SHARED_NAME.*`)."""
+    tensors = {}
+    for expert_index, expert in enumerate(block.experts):
+        tensors.update(swiglu_tensors(expert, f"{prefix}.experts.{expert_index}"))
+    if block.shared is not None:
+        tensors.update(swiglu_tensors(block.shared, f"{prefix}.{shared_name}"))
+    return tensors
+
+
 def common_config(view: CarvedView) -> dict:
     """The config fields every LLaMA-derived MoE format takes from the dense text config."""
     text = view.text_config

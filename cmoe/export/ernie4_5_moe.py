@@ -15,6 +15,7 @@ from cmoe.export.base import (
     ExportFormat,
     attention_tensors,
     common_config,
+    experts_tensors,
     require_whole_shared_experts,
     swiglu_tensors,
 )
@@ -73,11 +74,7 @@ def ernie4_5_moe_layer(view: CarvedView, index: int) -> dict[str, torch.Tensor]:
         return {**tensors, **swiglu_tensors(block, f"{prefix}.mlp")}
     tensors[f"{prefix}.mlp.gate.weight"] = block.router.gate.weight
     tensors[f"{prefix}.mlp.moe_statics.e_score_correction_bias"] = torch.zeros(1, view.spec.num_experts)
-    for expert_index, expert in enumerate(block.experts):
-        tensors.update(swiglu_tensors(expert, f"{prefix}.mlp.experts.{expert_index}"))
-    if block.shared is not None:
-        tensors.update(swiglu_tensors(block.shared, f"{prefix}.mlp.shared_experts"))
-    return tensors
+    return {**tensors, **experts_tensors(block, f"{prefix}.mlp")}
 
 
 def _ernie_checks(view: CarvedView) -> None:

@@ -14,6 +14,7 @@ from cmoe.export.base import (
     ExportFormat,
     attention_tensors,
     common_config,
+    experts_tensors,
     require_whole_shared_experts,
     swiglu_tensors,
 )
@@ -54,11 +55,7 @@ def glm4_moe_layer(view: CarvedView, index: int) -> dict[str, torch.Tensor]:
         return {**tensors, **swiglu_tensors(block, f"{prefix}.mlp")}
     tensors[f"{prefix}.mlp.gate.weight"] = block.router.gate.weight
     tensors[f"{prefix}.mlp.gate.e_score_correction_bias"] = block.router.bias.float()
-    for expert_index, expert in enumerate(block.experts):
-        tensors.update(swiglu_tensors(expert, f"{prefix}.mlp.experts.{expert_index}"))
-    if block.shared is not None:
-        tensors.update(swiglu_tensors(block.shared, f"{prefix}.mlp.shared_experts"))
-    return tensors
+    return {**tensors, **experts_tensors(block, f"{prefix}.mlp")}
 
 
 def _glm4_checks(view: CarvedView) -> None:

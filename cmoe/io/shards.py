@@ -4,8 +4,6 @@ layer at a time). One writer serves carved models and every export format."""
 
 import json
 from pathlib import Path
-from typing import Iterator
-
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -126,8 +124,3 @@ def read_tensors(directory: Path, names: list[str] | None = None) -> dict[str, t
             for key in keys:
                 tensors[key] = handle.get_tensor(key)
     return tensors
-
-
-def iter_layer_names(names, layer: int) -> Iterator[str]:
-    prefix = f"model.layers.{layer}."
-    return (name for name in names if name.startswith(prefix))
