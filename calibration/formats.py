@@ -58,16 +58,22 @@ def parquet_column(column: str) -> Reader:
     return read
 
 
-def read_documents(path: Path, reader: Reader, limit: int | None = None) -> list[str]:
-    """The first `limit` documents (all when None), any failure to read them as one CmoeError naming the file."""
+def read_documents(path, reader: Reader, limit: int | None = None, lazy: bool = False):
+    """The first `limit` documents (all when None), any failure to read them as one CmoeError naming the
+    file (or source); with `lazy`, as an iterator that reads them as they are taken."""
+    documents = _guarded(path, reader, limit)
+    return documents if lazy else list(documents)
+
+
+def _guarded(path, reader: Reader, limit: int | None) -> Iterator[str]:
     try:
-        return list(islice(reader(path), limit))
+        yield from islice(reader(path), limit)
     except CmoeError:
         raise
     except UnicodeDecodeError as error:
         raise CmoeError(f"{path}: unreadable, not UTF-8 text (invalid byte at position {error.start})") from error
     except (OSError, ValueError, EOFError, zlib.error, pa.ArrowException) as error:
-        raise CmoeError(f"{path}: unreadable ({type(error).__name__}: {_first_line(error)})") from error
+        raise CmoeError(f"{path}: unreadable ({type(error).__name__}: {first_line(error)})") from error
 
 
 def _parse_json(line: str, where: str) -> object:
@@ -85,6 +91,6 @@ def _record_text(record: object, where: str) -> str:
     raise CmoeError(f"{where} has no string `text` field")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else "no details"

@@ -21,11 +21,13 @@ from cmoe.carving import run_profile
 from cmoe.errors import CmoeError
 from cmoe.eval.perplexity import run_perplexity
 from cmoe.eval.routing import run_routing_eval
+from cmoe.eval.tasks import DEFAULT_TASKS, TaskOptions, parse_tasks, run_tasks
 from cmoe.export import EXPORT_FORMATS, run_export
 from cmoe.finetune import MIXTURES, FinetuneOptions, build_finetune_recipe
 from cmoe.finetune import finetune as finetune_from_recipe
 from cmoe.io.artifacts import ABANDONED
 from cmoe.io.memory import release_large_blocks_on_free
+from cmoe.io.push import push_artifact
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.pipeline.sequential import PROPAGATIONS
@@ -59,7 +61,9 @@ ModelArg = Annotated[
 DataOpt = Annotated[
     str,
     typer.Option(
-        "--data", help="Calibration text: wikitext2, c4, ptb (need the hub) or a local .txt/.jsonl/.json/.parquet file."
+        "--data",
+        help="Calibration text: wikitext2, c4, ptb (need the hub), a dataset (hf:OWNER/NAME[:CONFIG][@SPLIT][#COLUMN] "
+        "streamed from the hub, or a local dataset directory) or a local .txt/.jsonl/.json/.parquet file.",
     ),
 ]
 NSamplesOpt = Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")]
@@ -70,7 +74,8 @@ CarveDataOpt = Annotated[
     Optional[str],
     typer.Option(
         "--data",
-        help="Calibration text: wikitext2, c4, ptb (need the hub) or a local .txt/.jsonl/.json/.parquet file (default "
+        help="Calibration text: wikitext2, c4, ptb (need the hub), a dataset (hf:OWNER/NAME[:CONFIG][@SPLIT][#COLUMN] "
+        "streamed from the hub, or a local dataset directory) or a local .txt/.jsonl/.json/.parquet file (default "
         "wikitext2).",
     ),
 ]
@@ -197,11 +202,20 @@ def profile(
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
     overwrite: OverwriteOpt = False,
+    gram: Annotated[
+        bool,
+        typer.Option(
+            "--gram",
+            help="Also keep the d_h x d_h contribution Gram that --grouping kmeans needs (8 d_h^2 bytes per layer: "
+            "0.9 GiB at LLaMA-2-7B's width, 6.1 GiB at 70B's).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Profile neuron activations of a dense model on calibration text, one layer at a time.
 
-    The profile holds every statistic any carving option needs, so one profile serves many carves."""
+    The profile holds every statistic the carving options need (the k-means Gram with --gram), so one
+    profile serves many carves."""
     with _layer_progress("profile") as on_layer:
         recipe = run_profile(
             model,
@@ -212,6 +226,7 @@ def profile(
             overwrite,
             on_layer,
             statistic or "normalized",
+            gram,
         )
     _report(
         as_json,
@@ -473,33 +488,74 @@ def export(
     )
 
 
+@app.command()
+def push(
+    directory: Annotated[
+        Path,
+        typer.Argument(help="Finished model directory from cmoe carve, export or finetune.", show_default=False),
+    ],
+    repo_id: Annotated[
+        str, typer.Argument(help="Hub model repository, OWNER/NAME (created if missing).", show_default=False)
+    ],
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repository private (an existing one keeps its visibility).")
+    ] = False,
+    revision: Annotated[
+        Optional[str], typer.Option("--revision", help="Branch to upload to, created if missing (default main).")
+    ] = None,
+    commit_message: Annotated[
+        Optional[str], typer.Option("--commit-message", help="The commit's message (default: Upload NAME (cmoe)).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a finished model to the Hugging Face hub with its recipe and model card (log in first: hf auth login)."""
+    result = push_artifact(directory, repo_id, private, revision, commit_message)
+    _report(as_json, result, f"pushed {directory} to {result['url']} ({result['revision']}, commit {result['commit']})")
+
+
 @eval_app.command()
 def perplexity(
     model: Annotated[
         str, typer.Argument(help="Dense or carved model: a directory, a hub id, or a .gguf file.", show_default=False)
     ],
     data: Annotated[
-        str, typer.Option("--data", help="Evaluation text: wikitext2, c4, ptb (need the hub) or a local file.")
+        str,
+        typer.Option(
+            "--data",
+            help="Evaluation text: wikitext2, c4, ptb (need the hub), hf:OWNER/NAME[:CONFIG][@SPLIT][#COLUMN] or a "
+            "local dataset directory (streamed; at most 256 windows unless --max-windows), or a local file.",
+        ),
     ] = "wikitext2",
     seqlen: SeqlenOpt = 2048,
     max_windows: Annotated[
         Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (quick runs).")
     ] = None,
     split: Annotated[str, typer.Option("--split", help="Split of a named source: test, validation or train.")] = "test",
+    record: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--record/--no-record",
+            help="Save the result into the model's recipe and model card (default: when MODEL is a directory "
+            "written by cmoe).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchOpt = 1,
 ) -> None:
     """Perplexity under the GPTQ protocol (non-overlapping windows, text tokenised once)."""
+    compute = _compute(device, dtype, batch_size)
     with _layer_progress("eval") as on_layer:
-        result = run_perplexity(model, data, seqlen, max_windows, split, _compute(device, dtype, batch_size), on_layer)
+        result = run_perplexity(model, data, seqlen, max_windows, split, compute, on_layer, record)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
+        recorded = f"; recorded in {result.recorded_in}" if result.recorded_in else ""
         typer.echo(
             f"perplexity {result.perplexity:.4f} (seqlen {result.seqlen}, {result.windows} windows, {result.tokens} "
-            "tokens)"
+            f"tokens){recorded}"
         )
 
 
@@ -545,6 +601,58 @@ def routing(
     )
 
 
+@eval_app.command()
+def tasks(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Dense, carved or exported model: a directory, a hub id, or a .gguf file.", show_default=False
+        ),
+    ],
+    task_names: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            help="Comma-separated lm-eval task names (default: the papers' zero-shot suite; lm-eval downloads their "
+            "data, or use --include-path with local tasks).",
+        ),
+    ] = ",".join(DEFAULT_TASKS),
+    limit: Annotated[
+        Optional[float],
+        typer.Option(
+            "--limit", help="Examples per task: a count (1 or more) or a fraction in (0, 1); quick runs only."
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per prompt (default: each task's own).")
+    ] = None,
+    include_path: Annotated[
+        Optional[Path], typer.Option("--include-path", help="A folder of local lm-eval task YAMLs, as lm-eval's.")
+    ] = None,
+    record: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--record/--no-record",
+            help="Save the scores into the model's recipe and model card (default: when MODEL is a directory "
+            "written by cmoe).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = 1,
+) -> None:
+    """Downstream accuracy with lm-evaluation-harness (pip install "cmoe[eval]"), no remote code needed."""
+    options = TaskOptions(parse_tasks(task_names), limit, num_fewshot, include_path)
+    result = run_tasks(model, options, _compute(device, dtype, batch_size), record)
+    lines = [
+        f"{name}: " + ", ".join(f"{metric} {value:.4f}" for metric, value in task["metrics"].items())
+        for name, task in result["tasks"].items()
+    ]
+    _report(as_json, result, "\n".join(lines))
+
+
 @contextmanager
 def _training_progress() -> Iterator:
     """Progress over optimizer steps with loss, tokens/s and ETA (plain lines every 10 steps off a terminal)."""
@@ -563,6 +671,7 @@ def _training_progress() -> Iterator:
         losses = f"loss {report.loss:.4f}" + (
             "" if report.balance_loss is None else f" balance {report.balance_loss:.4f}"
         )
+        losses += "" if report.distill_loss is None else f" distill {report.distill_loss:.4f}"
         speed = f"{report.tokens_per_second:.0f} tok/s"
         progress.update(
             report.step, report.total, f"finetune step {report.step}/{report.total}", losses=losses, speed=speed
@@ -627,7 +736,8 @@ def finetune(
         Optional[str],
         typer.Option(
             "--reference",
-            help="Dense model for --mixture dynamic (default: the carved model's source when it is a local path).",
+            help="Dense model for --mixture dynamic and --distill's teacher (default: the carved model's source "
+            "when it is a local path).",
         ),
     ] = None,
     heldout_windows: Annotated[
@@ -680,6 +790,22 @@ def finetune(
             "--balance-coef",
             help="Weight of the balance loss of routers that define one (e.g. noisy top-k); others add "
             f"nothing (default {FINETUNE_DEFAULTS.balance_coef:g}).",
+        ),
+    ] = None,
+    distill: Annotated[
+        Optional[float],
+        typer.Option(
+            "--distill",
+            help="Weight W in [0, 1] of distillation from the dense model (--reference): the loss is (1 - W) x LM "
+            f"loss + W x KL(teacher || student) per token (default {FINETUNE_DEFAULTS.distill:g}: LM loss only).",
+        ),
+    ] = None,
+    distill_temperature: Annotated[
+        Optional[float],
+        typer.Option(
+            "--distill-temperature",
+            help="Temperature T of --distill: both logits divided by T, the KL multiplied by T^2 (default "
+            f"{FINETUNE_DEFAULTS.distill_temperature:g}).",
         ),
     ] = None,
     lora_r: Annotated[
@@ -808,6 +934,8 @@ def finetune(
         "train_router": train_router,
         "bias_speed": bias_speed,
         "balance_coef": balance_coef,
+        "distill": distill,
+        "distill_temperature": distill_temperature,
         "grad_checkpointing": grad_checkpointing,
         "mixture": mixture,
         "mixture_every": mixture_every,

@@ -8,12 +8,12 @@ The public API: `carve` / `run_carve` / `run_profile` (cmoe.carving), `run_perpl
 registries every interchangeable piece is looked up in (methods, routers, presets, ...).
 """
 
-from cmoe.modeling import CMoEBlock, CMoEConfig, CMoEForCausalLM, MoELayerSpec, Router
+from cmoe.modeling import CMoEBlock, CMoEConfig, CMoEForCausalLM, MoELayerSpec, Router, mean_active_neurons
 from cmoe.carving import carve, carve_model, run_carve, run_profile
 from cmoe.errors import CmoeError
 from cmoe.eval.perplexity import perplexity_of, run_perplexity
 from cmoe.io.artifacts import StageTimer
-from cmoe.io.carved import load_carved, mean_active_neurons
+from cmoe.io.carved import load_carved
 from cmoe.io.loading import load_pretrained
 from cmoe.io.recipe_file import read_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY, ConstructionMethod, LayerEvidence

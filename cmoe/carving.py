@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from cmoe.calibration import calibration_windows, check_fits_text, load_text, tokenize_text
+from cmoe.calibration import STREAM_POOL, TextSource, calibration_windows, check_fits_text, open_text, read_tokens
 from cmoe.errors import CmoeError
 from cmoe.export import export_model
 from cmoe.io.artifacts import RESUME_DIR, StageTimer, claimed_output, command_line, versions
-from cmoe.io.carved import mean_active_neurons, save_carved
+from cmoe.io.carved import save_carved
 from cmoe.io.lazy import LazyWeights
+from cmoe.io.model_card import source_license
 from cmoe.io.loading import (
     PreparedModel,
     check_seqlen,
@@ -23,12 +24,13 @@ from cmoe.io.loading import (
     load_tokenizer,
     prepare_model,
 )
+from cmoe.modeling import mean_active_neurons
 from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
 from cmoe.io.recipe_file import recipe_text
 from cmoe.io.shards import ShardWriter
 from cmoe.methods import METHODS
 from cmoe.io.profile_format import FORMAT, ProfileFile, StreamingSafetensorsWriter, profile_bytes_per_layer
-from cmoe.numerics.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS
+from cmoe.numerics.statistics import MARK_STATISTICS, OPTIONAL_STATISTICS, PROFILE_STATISTICS
 from cmoe.pipeline.runner import LayerCallback
 from cmoe.pipeline.resume import LayerCheckpoints
 from cmoe.pipeline.sequential import Pipeline, Stage, check_stages
@@ -41,26 +43,40 @@ def calibration_tokens(calibration: Calibration, prepared: PreparedModel, timer:
     check_seqlen(calibration.seqlen, prepared.config)
     with timer.stage("calibration_data"):
         tokenizer = load_tokenizer(prepared.source)
-        text = load_text(calibration.source, split="train")
-        if calibration.sha256 and text.description["sha256"] != calibration.sha256:
+        text = open_text(calibration.source, "train", calibration.commit)
+        if calibration.sha256 and text.description.get("sha256") != calibration.sha256:
             raise CmoeError(
                 f"{calibration.source}: the calibration text changed since the recipe was written (sha256 "
-                f"{text.description['sha256'][:12]}, recipe {calibration.sha256[:12]}): "
+                f"{str(text.description.get('sha256'))[:12]}, recipe {calibration.sha256[:12]}): "
                 "pass --data to carve on it anyway"
             )
-        check_fits_text(calibration.nsamples, calibration.seqlen, len(text.text.encode()) + 2, "bytes")
-        tokens = tokenize_text(text.text, tokenizer)
-        check_fits_text(calibration.nsamples, calibration.seqlen, int(tokens.numel()), "tokens")
-        windows = calibration_windows(tokens, calibration.nsamples, calibration.seqlen, calibration.seed)
+        needed = calibration.nsamples * calibration.seqlen
+        size = _file_bytes(text)
+        if size is not None and size > QUICK_TO_TOKENISE_BYTES:
+            check_fits_text(calibration.nsamples, calibration.seqlen, size + 2, "bytes")
+        stream = read_tokens(text, tokenizer, None if text.read_whole else STREAM_POOL * needed)
+        check_fits_text(calibration.nsamples, calibration.seqlen, int(stream.tokens.numel()), "tokens")
+        windows = calibration_windows(stream.tokens, calibration.nsamples, calibration.seqlen, calibration.seed)
     description = {
-        **text.description,
+        **stream.description,
         "nsamples": calibration.nsamples,
         "seqlen": calibration.seqlen,
         "seed": calibration.seed,
-        "text_tokens": int(tokens.numel()),
+        "text_tokens": int(stream.tokens.numel()),
         "calibration_tokens": int(windows.numel()),
     }
     return tokenizer, windows, description
+
+
+# A smaller text is tokenised in well under a second: its size is not checked before (an empty text is
+# then named as such, a short one by its token count).
+QUICK_TO_TOKENISE_BYTES = 1 << 20
+
+
+def _file_bytes(text: TextSource) -> int | None:
+    """A local file's size: more than its text's UTF-8 bytes, so a bound on its tokens known before reading."""
+    path = text.description.get("path")
+    return Path(path).stat().st_size if path and Path(path).is_file() else None
 
 
 def resume_fingerprint(portable: CarveRecipe, prepared: PreparedModel, profile: Path | None) -> dict:
@@ -92,17 +108,20 @@ def run_profile(
     overwrite: bool = False,
     on_layer: LayerCallback | None = None,
     statistic: str = "normalized",
+    gram: bool = False,
 ) -> dict:
     """Write a profile of the dense model per layer: mark counts, rates and co-activation of the
-    `statistic`'s top-K_a marks, plus every optional statistic of the quality options."""
+    `statistic`'s top-K_a marks, plus the optional statistics of the quality options (the d_h x d_h
+    contribution Gram of `--grouping kmeans` only with `gram`)."""
     timer = StageTimer()
     with claimed_output(output, overwrite) as slot:
         MARK_STATISTICS.check(statistic)
         prepared = prepare_model(model, compute.device, compute.dtype, kind="dense")
         check_ka(ka, prepared.config.intermediate_size)
         config = prepared.config
+        extras = OPTIONAL_STATISTICS if gram else PROFILE_STATISTICS
         slot.require_space(
-            config.num_hidden_layers * profile_bytes_per_layer(config.intermediate_size, config.hidden_size)
+            config.num_hidden_layers * profile_bytes_per_layer(config.intermediate_size, config.hidden_size, extras)
         )
         _, windows, description = calibration_tokens(calibration, prepared, timer)
         torch.manual_seed(calibration.seed)
@@ -115,7 +134,7 @@ def run_profile(
             "intermediate_size": dense.config.intermediate_size,
             "ka": ka,
             "statistic": statistic,
-            "statistics": ["counts", "rates", "coactivation", *OPTIONAL_STATISTICS],
+            "statistics": ["counts", "rates", "coactivation", *extras],
             "calibration": description,
             "device": str(prepared.device),
             "dtype": _dtype_name(prepared.dtype),
@@ -124,7 +143,7 @@ def run_profile(
         }
         with slot.staged() as staging:
             writer = StreamingSafetensorsWriter(slot.scratch)
-            stages = [Statistics(ka, statistic, OPTIONAL_STATISTICS), WriteProfile(writer)]
+            stages = [Statistics(ka, statistic, extras), WriteProfile(writer)]
             with timer.stage("profile"):
                 Pipeline(
                     dense,
@@ -185,6 +204,9 @@ def carve(
         )
         record = carve_record(options, source_model=prepared.source.description, command=command_line())
         record.update(device=str(prepared.device), dtype=_dtype_name(prepared.dtype))
+        license_fields = source_license(prepared.source.description)
+        if license_fields:
+            record["source_license"] = license_fields
         if dense_config.intermediate_size % options.shape.experts:
             record["leftover_neurons_in_shared"] = dense_config.intermediate_size % options.shape.experts
         windows = None
@@ -199,7 +221,9 @@ def carve(
         else:
             tokenizer, windows, description = calibration_tokens(recipe.calibration, prepared, timer)
             portable = portable.with_overrides(
-                calibration=replace(recipe.calibration.portable(), sha256=description["sha256"])
+                calibration=replace(
+                    recipe.calibration.portable(), sha256=description.get("sha256"), commit=description.get("commit")
+                )
             )
             mode = "sequential (each layer profiled on carved upstream layers)"
             if options.propagate == "dense":
@@ -246,7 +270,7 @@ def carve(
                         save_carved(carved, tokenizer, staging, record, writer)
                     else:
                         export_model(carved, tokenizer, staging, recipe.export_format, record)
-                if checkpoints is not None:
+                if checkpoints is not None and checkpoints.directory.exists():
                     shutil.rmtree(checkpoints.directory)
             except BaseException:
                 done = checkpoints.done() if checkpoints is not None else 0

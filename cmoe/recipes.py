@@ -152,14 +152,16 @@ def check_ka(ka: int, intermediate_size: int) -> None:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration text and its windows: `nsamples` seeded random windows of `seqlen` tokens. `sha256`,
-    when set (a replayed recipe), is what the text must hash to: a changed text is refused, not used."""
+    """Calibration text and its windows: `nsamples` seeded random windows of `seqlen` tokens. When set (a
+    replayed recipe), `sha256` is what a local text must hash to (a changed text is refused, not used) and
+    `commit` the hub commit a dataset is read at (the same rows as the run that wrote the recipe)."""
 
     source: str
     nsamples: int = 8
     seqlen: int = 2048
     seed: int = 0
     sha256: str | None = None
+    commit: str | None = None
 
     def __post_init__(self):
         check_integer("nsamples", self.nsamples, 1)
@@ -269,7 +271,7 @@ def build_carve_recipe(
     if profile is not None:
         data = None
     elif data is not None:
-        text_changed = {"sha256": None} if "source" in calibration else {}
+        text_changed = {"sha256": None, "commit": None} if "source" in calibration else {}
         data = replace(data, **calibration, **text_changed)
     elif "source" in calibration:
         data = Calibration(**calibration)

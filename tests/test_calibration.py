@@ -22,6 +22,7 @@ from cmoe.calibration import (
     calibration_windows,
     evaluation_windows,
     load_text,
+    open_text,
     sources,
     tokenize_text,
 )
@@ -143,48 +144,55 @@ def test_missing_path_lists_the_named_sources(tmp_path):
         load_text("wikitext", "test")
 
 
-def test_directory_is_refused(tmp_path):
-    with pytest.raises(CmoeError, match="directory") as error:
+def test_directory_without_a_dataset_is_refused(tmp_path):
+    with pytest.raises(CmoeError, match="cannot open the dataset") as error:
         load_text(str(tmp_path), "test")
     _one_line_naming(error, str(tmp_path))
 
 
 # ---------------------------------------------------------------- named sources, hub mocked
 
-# (repo_id, revision) -> {file in the repository: how to write a tiny stand-in}
 WIKI_ROWS = ["", " = Valkyria = \n", " Senjō no Valkyria 3 .\n", ""]
 PTB_ROWS = ["no it was n't black monday", "but while the new york stock exchange did n't fall"]
 C4_DOCS = [f"doc {i}." for i in range(1200)]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _hub_layout(root: Path) -> dict[tuple[str, str | None, str], Path]:
-    layout = {}
+def _hub_layout(root: Path) -> dict[str, Path]:
+    """repo_id -> a local directory holding tiny stand-ins at the real repositories' file paths."""
+    layout = {repo: root / repo.replace("/", "--") for repo in ("Salesforce/wikitext", "ptb-text-only/ptb_text_only")}
     for split in SPLITS:
-        wiki = root / f"wiki-{split}.parquet"
-        pq.write_table(pa.table({"text": [f"{split}:"] + WIKI_ROWS}), wiki)
-        layout["Salesforce/wikitext", None, f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet"] = wiki
-        ptb = root / f"ptb-{split}.parquet"
-        pq.write_table(pa.table({"sentence": [f"{split}:"] + PTB_ROWS}), ptb)
-        layout["ptb-text-only/ptb_text_only", "refs/convert/parquet", f"penn_treebank/{split}/0000.parquet"] = ptb
-    c4 = root / "c4-validation.00000-of-00008.json.gz"
+        wiki = layout["Salesforce/wikitext"] / f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet"
+        ptb = layout["ptb-text-only/ptb_text_only"] / f"penn_treebank/{split}/0000.parquet"
+        for path, column, rows in ((wiki, "text", WIKI_ROWS), (ptb, "sentence", PTB_ROWS)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({column: [f"{split}:"] + rows}), path)
+    layout["allenai/c4"] = root / "allenai--c4"
+    c4 = layout["allenai/c4"] / "en/c4-validation.00000-of-00008.json.gz"
+    c4.parent.mkdir(parents=True)
     with gzip.open(c4, "wt", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"text": doc, "timestamp": "2019", "url": "u"}) + "\n" for doc in C4_DOCS)
-    layout["allenai/c4", None, "en/c4-validation.00000-of-00008.json.gz"] = c4
     return layout
 
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
-    """hf_hub_download answered from tiny local files laid out like the real repositories; records each call."""
+    """The hub answered from local directories laid out like the real repositories, read by the real
+    `datasets` streaming code; records each (repo_id, data files, split, commit) opened."""
     layout = _hub_layout(tmp_path)
     calls = []
+    stream = sources.streamed_rows
 
-    def download(repo_id, filename, *, repo_type=None, revision=None):
-        calls.append((repo_id, filename, repo_type, revision))
-        assert repo_type == "dataset"
-        return str(layout[repo_id, revision, filename])
+    def revision(name, repo_id, revision):
+        assert repo_id in layout
+        return COMMIT
 
-    monkeypatch.setattr(sources.huggingface_hub, "hf_hub_download", download)
+    def rows(name, path, config, data_files, split, revision):
+        calls.append((path, data_files, split, revision))
+        return stream(name, str(layout[path]), config, data_files, split, None)
+
+    monkeypatch.setattr(sources, "resolve_revision", revision)
+    monkeypatch.setattr(sources, "streamed_rows", rows)
     return calls
 
 
@@ -192,19 +200,18 @@ def fake_hub(tmp_path, monkeypatch):
 def test_wikitext2_joins_rows_with_blank_lines(fake_hub, split):
     loaded = load_text("wikitext2", split)
     assert loaded.text == "\n\n".join([f"{split}:"] + WIKI_ROWS)
-    assert fake_hub == [("Salesforce/wikitext", f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet", "dataset", None)]
-    described = json.loads(json.dumps(loaded.description))
-    assert described | {"sha256": None} == {
+    file = f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet"
+    assert fake_hub == [("Salesforce/wikitext", {split: file}, split, COMMIT)]
+    assert json.loads(json.dumps(loaded.description)) == {
         "source": "wikitext2",
         "split": split,
         "repo_id": "Salesforce/wikitext",
-        "file": f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet",
+        "file": file,
         "revision": "main",
-        "sha256": None,
+        "commit": COMMIT,
         "documents": 5,
         "characters": len(loaded.text),
     }
-    assert len(described["sha256"]) == 64
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -212,7 +219,7 @@ def test_c4_is_the_first_1100_validation_documents_joined_by_spaces(fake_hub, sp
     loaded = load_text("c4", split)
     assert loaded.text == " ".join(C4_DOCS[:1100])
     assert loaded.description["documents"] == 1100 and loaded.description["default_max_windows"] == 256
-    assert fake_hub == [("allenai/c4", "en/c4-validation.00000-of-00008.json.gz", "dataset", None)]
+    assert fake_hub == [("allenai/c4", {split: "en/c4-validation.00000-of-00008.json.gz"}, split, COMMIT)]
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -220,8 +227,14 @@ def test_ptb_joins_sentences_with_spaces_from_the_parquet_conversion(fake_hub, s
     loaded = load_text("ptb", split)
     assert loaded.text == " ".join([f"{split}:"] + PTB_ROWS)
     file = f"penn_treebank/{split}/0000.parquet"
-    assert fake_hub == [("ptb-text-only/ptb_text_only", file, "dataset", "refs/convert/parquet")]
+    assert fake_hub == [("ptb-text-only/ptb_text_only", {split: file}, split, COMMIT)]
     assert loaded.description["revision"] == "refs/convert/parquet" and "default_max_windows" not in loaded.description
+
+
+def test_a_recorded_commit_is_read_again_without_asking_the_hub(fake_hub, monkeypatch):
+    monkeypatch.setattr(sources, "resolve_revision", lambda *args: pytest.fail("the hub was asked"))
+    assert open_text("wikitext2", "test", commit="f" * 40).description["commit"] == "f" * 40
+    assert fake_hub[0][3] == "f" * 40
 
 
 def test_unknown_split_fails_before_any_download(fake_hub):
@@ -245,15 +258,16 @@ def test_registry_defines_every_split_of_every_source():
     ],
 )
 def test_unfetchable_named_source_asks_for_a_local_file(monkeypatch, failure):
-    def download(*args, **kwargs):
+    def dataset_info(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(sources.huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(sources.huggingface_hub.HfApi, "dataset_info", dataset_info)
     with pytest.raises(CmoeError, match="Hugging Face hub.*no cached copy.*local file.*--data") as error:
         load_text("ptb", "test")
     _one_line_naming(error, "ptb")
 
 
+@pytest.mark.slow
 def test_really_offline_with_an_empty_cache_gives_one_clear_error(tmp_path):
     """No mocks: HF_HUB_OFFLINE=1 and an empty HF_HOME, in a fresh interpreter (the hub reads them at import)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}

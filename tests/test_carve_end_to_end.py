@@ -17,7 +17,7 @@ from cmoe import Calibration, Compute, run_carve, run_perplexity, run_profile
 from cmoe.shape import MoEShape
 from cmoe.io.profile_format import ProfileFile
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID, weights_of
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, TINYSTORIES_VALID, save_tiny_model, weights_of
 
 CPU = Compute(device="cpu", dtype="float32", batch_size=2)
 
@@ -52,6 +52,14 @@ def test_carve_save_reload_gives_identical_logits(tiny_model_dir, tmp_path):
     names = set(weights_of(out))
     assert "model.layers.0.mlp.router.bias" in names and "model.layers.1.mlp.router.scale" in names
     assert "model.layers.0.mlp.experts.6.down_proj.weight" in names
+
+
+def test_a_one_layer_model_carves_and_reloads(tmp_path):
+    """The last layer keeps no resume state, so a one-layer carve never writes any to remove."""
+    source = save_tiny_model(tmp_path / "one-layer", layers=1)
+    carve(source, tmp_path / "carved")
+    assert cmoe.load_carved(tmp_path / "carved").config.text_config.num_hidden_layers == 1
+    assert not (tmp_path / "carved" / ".resume").exists()
 
 
 def test_router_scale_and_bias_survive_save_and_load(tiny_model_dir, tmp_path):

@@ -130,6 +130,7 @@ def test_named_source_offline_without_cache_asks_for_a_local_file(capsys, tmp_pa
     )
 
 
+@pytest.mark.slow
 def test_real_process_prints_no_traceback_and_debug_does(tmp_path):
     args = [sys.executable, "-m", "cmoe.cli", "carve", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]
     quiet = subprocess.run(args, capture_output=True, text=True)

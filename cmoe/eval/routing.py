@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmoe.calibration import evaluation_windows, load_text, tokenize_text
+from cmoe.calibration import open_text, read_evaluation_windows
 from cmoe.errors import CmoeError
 from cmoe.io.artifacts import claimed_output, command_line, versions, write_json
 from cmoe.io.loading import check_seqlen, load_layerwise, load_tokenizer, prepare_model
@@ -149,7 +149,7 @@ def run_routing_eval(
             raise CmoeError(f"--layer {layer}: expected a carved layer ({layers[0]}..{layers[-1]})")
         tokenizer = load_tokenizer(source)
         windows = {
-            name: evaluation_windows(tokenize_text(load_text(text, split).text, tokenizer), seqlen, max_windows)
+            name: read_evaluation_windows(open_text(text, split), tokenizer, seqlen, max_windows)[0]
             for name, text in sources.items()
         }
         loaded, weights = load_layerwise(prepared)

@@ -10,6 +10,7 @@ from cmoe.export.base import EXPORT_FORMATS, CarvedView, check_exportable, write
 from cmoe.io.artifacts import claimed_output, command_line, versions
 from cmoe.io.carved import load_carved
 from cmoe.io.loading import DTYPES, estimated_weight_bytes, load_tokenizer, prepare_model
+from cmoe.io.model_card import write_card
 from cmoe.io.recipe_file import has_recipe, read_recipe, write_recipe
 
 
@@ -39,7 +40,7 @@ def export_model(
     }
     full = {**record, "export": export}
     write_recipe(directory, full)
-    (directory / "README.md").write_text(export_card(fmt_name, fmt.model_type, full))
+    write_card(directory, full, config)
     return full
 
 
@@ -58,25 +59,3 @@ def run_export(
         tokenizer = load_tokenizer(prepared.source)
         with slot.staged() as staging:
             return export_model(model, tokenizer, staging, fmt_name, record, DTYPES.get(dtype), on_layer)
-
-
-def export_card(fmt_name: str, model_type: str, record: dict) -> str:
-    source = record.get("source_model", "a dense model")
-    return f"""---
-library_name: transformers
-base_model: {source}
-tags: [cmoe, mixture-of-experts, carved, {model_type}]
----
-# {record.get("config", "CMoE")} carved from {source}, as {fmt_name}
-
-Carved without training by cmoe (CMoE, Pei et al. 2025, arXiv 2502.04416) and exported to the standard
-`{model_type}` architecture: transformers, vLLM, SGLang and llama.cpp load it natively (no custom code).
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("PATH")
-tokenizer = AutoTokenizer.from_pretrained("PATH")
-```
-
-The carve's recipe (options, calibration data, versions, timings) and the export's are in `cmoe_recipe.yaml`.
-"""

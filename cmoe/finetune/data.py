@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cmoe.calibration import evaluation_windows, load_text, tokenize_text
+from cmoe.calibration import STREAM_POOL, open_text, read_evaluation_windows, stream_tokens
 from cmoe.errors import CmoeError
 from cmoe.finetune.recipe import DataSpec, FinetuneOptions
 from cmoe.numerics.mixture import draw_sample
@@ -28,10 +28,12 @@ class Domain:
     heldout: torch.Tensor | None
 
 
-def load_domain(spec: DataSpec, tokenizer, seqlen: int, heldout_windows: int) -> Domain:
-    text = load_text(spec.source, split="train")
-    tokens = tokenize_text(text.text, tokenizer)
+def load_domain(spec: DataSpec, tokenizer, seqlen: int, heldout_windows: int, nsamples: int) -> Domain:
+    """The source's tokens, streamed (a hub dataset only as far as a pool of `nsamples` windows reaches)."""
     reserved = heldout_windows * seqlen
+    text = open_text(spec.source, "train")
+    stream = stream_tokens(text, tokenizer, None if text.read_whole else STREAM_POOL * nsamples * seqlen + reserved)
+    tokens = stream.tokens
     if tokens.numel() < seqlen + reserved:
         what = f"one window of {seqlen}" + (f" plus {reserved} held-out tokens" if reserved else "")
         raise CmoeError(
@@ -40,7 +42,7 @@ def load_domain(spec: DataSpec, tokenizer, seqlen: int, heldout_windows: int) ->
     train_tokens = tokens[: tokens.numel() - reserved] if reserved else tokens
     heldout = tokens[-reserved:].reshape(-1, seqlen) if reserved else None
     description = {
-        **text.description,
+        **stream.description,
         "weight": spec.weight,
         "tokens": int(tokens.numel()),
         "train_tokens": int(train_tokens.numel()),
@@ -75,7 +77,7 @@ class TrainingData:
 def load_training_data(specs: tuple[DataSpec, ...], tokenizer, options: FinetuneOptions) -> TrainingData:
     """Every `--data` source tokenised; a re-weighting mixture holds out --heldout-windows of each."""
     heldout_windows = options.heldout_windows if options.reweights_mixture else 0
-    domains = [load_domain(spec, tokenizer, options.seqlen, heldout_windows) for spec in specs]
+    domains = [load_domain(spec, tokenizer, options.seqlen, heldout_windows, options.nsamples) for spec in specs]
     return TrainingData(domains, options.seed, options.nsamples, options.seqlen)
 
 
@@ -88,6 +90,5 @@ class EvalData:
 
 
 def load_eval_data(source: str, tokenizer, seqlen: int, max_windows: int) -> EvalData:
-    text = load_text(source, split="test")
-    windows = evaluation_windows(tokenize_text(text.text, tokenizer), seqlen, max_windows)
-    return EvalData(windows, {**text.description, "windows": windows.shape[0], "seqlen": seqlen})
+    windows, description = read_evaluation_windows(open_text(source, "test"), tokenizer, seqlen, max_windows)
+    return EvalData(windows, {**description, "windows": windows.shape[0], "seqlen": seqlen})

@@ -8,12 +8,20 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from cmoe.errors import CmoeError
 from cmoe.finetune.recipe import FinetuneOptions
 from cmoe.io.carved import carved_config
-from cmoe.io.loading import ModelSource, PreparedModel, is_carved, load_config, resolve_source
+from cmoe.io.loading import (
+    ModelSource,
+    PreparedModel,
+    is_carved,
+    load_config,
+    load_model,
+    resolve_source,
+    text_config_of,
+)
 from cmoe.io.recipe_file import has_recipe, read_recipe
 from cmoe.modeling.modeling_cmoe import finetuned_router_parameters
 
@@ -30,18 +38,36 @@ def carved_record(source: ModelSource) -> dict:
     return read_recipe(source.location) if has_recipe(source.location) else {}
 
 
-def reference_source(reference: str | None, carved: ModelSource) -> ModelSource:
-    """The dense model whose per-domain losses the dynamic mixture aims at: --reference, or the carved
-    model's source when that is a local path."""
+def reference_source(reference: str | None, carved: ModelSource, needed_by: str) -> ModelSource:
+    """The dense model that the dynamic mixture's losses aim at and that --distill learns from (`needed_by`
+    names the option, for the error): --reference, or the carved model's source when that is a local path."""
     if reference is None:
         source_model = carved_record(carved).get("source_model")
         if not source_model or not Path(source_model).exists():
-            raise CmoeError("--mixture dynamic needs the dense model: pass --reference DENSE_MODEL")
+            raise CmoeError(f"{needed_by} needs the dense model: pass --reference DENSE_MODEL")
         reference = source_model
     source = resolve_source(reference)
     if is_carved(load_config(source)):
         raise CmoeError(f"--reference {reference}: expected the dense model, got a carved one")
     return source
+
+
+def check_teacher(teacher: ModelSource, carved: PreTrainedConfig) -> None:
+    """--distill compares next-token distributions position by position: the vocabularies must agree
+    (read from the configs, before any weight)."""
+    theirs, ours = text_config_of(load_config(teacher)).vocab_size, text_config_of(carved).vocab_size
+    if theirs != ours:
+        raise CmoeError(
+            f"--distill: the teacher {teacher.description} has a vocabulary of {theirs} tokens, the carved model {ours}"
+        )
+
+
+def load_teacher(teacher: ModelSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The dense model --distill learns from, whole on the training device in the training dtype, frozen in
+    eval mode (no dropout: its logits are a fixed target)."""
+    model = load_model(teacher, dtype).to(device)
+    model.config.use_cache = False
+    return model.requires_grad_(False)
 
 
 def mixed_precision(device: torch.device, dtype: torch.dtype) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 from numbers import Real
 from pathlib import Path
 
+from cmoe.calibration.sources import HUB_PREFIX
+
 from cmoe.checks import (
     check_device_name,
     check_dtype_name,
@@ -68,15 +70,16 @@ class DataSpec:
 
 def parse_data_spec(spec: str) -> DataSpec:
     """`SOURCE` or `SOURCE:WEIGHT`. A SOURCE that exists as a file is taken whole, and so is one whose
-    last ':' is followed by a path (`dir:x/b.txt`); otherwise what follows the last ':' is the weight,
-    and a word that is not a number (`FILE:abc`) is refused rather than read as part of the path."""
+    last ':' is followed by a path (`dir:x/b.txt`) or that names a dataset's config (`hf:OWNER/NAME:CONFIG`);
+    otherwise what follows the last ':' is the weight, and a word that is not a number (`FILE:abc`) is
+    refused rather than read as part of the path."""
     source, separator, tail = spec.rpartition(":")
     if not separator or not source or Path(spec).expanduser().exists():
         return DataSpec(spec)
     try:
         return DataSpec(source, float(tail))
     except ValueError:
-        if any(mark in tail for mark in "/\\.") or not tail:
+        if any(mark in tail for mark in "/\\.") or not tail or spec.startswith(HUB_PREFIX):
             return DataSpec(spec)
         raise CmoeError(
             f"--data {spec}: the mixture weight {tail!r} is not a number (SOURCE:WEIGHT, e.g. {source}:0.5)"
@@ -104,6 +107,8 @@ class FinetuneOptions:
     train_router: bool = True
     bias_speed: float = 1e-3
     balance_coef: float = 0.01
+    distill: float = 0.0
+    distill_temperature: float = 1.0
     grad_checkpointing: bool = False
     mixture: str = "static"
     mixture_every: int = 50
@@ -131,10 +136,10 @@ class FinetuneOptions:
             check_integer(name, getattr(self, name), 0)
         if self.max_steps is not None:
             check_integer("max_steps", self.max_steps, 1)
-        for name in ("lr", "router_lr", "lora_dropout", "bias_speed", "balance_coef"):
+        for name in ("lr", "router_lr", "lora_dropout", "bias_speed", "balance_coef", "distill", "distill_temperature"):
             check_number(name, getattr(self, name))
             object.__setattr__(self, name, float(getattr(self, name)))
-        for name in ("lr", "router_lr"):
+        for name in ("lr", "router_lr", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise CmoeError(f"{flag(name)} {getattr(self, name)}: must be positive")
         for name in ("bias_speed", "balance_coef"):
@@ -142,6 +147,8 @@ class FinetuneOptions:
                 raise CmoeError(f"{flag(name)} {getattr(self, name)}: must not be negative")
         if not 0 <= self.lora_dropout < 1:
             raise CmoeError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        if not 0 <= self.distill <= 1:
+            raise CmoeError(f"--distill {self.distill}: must be in [0, 1] (the KL term's share of the loss)")
         betas = self.betas
         if (
             not isinstance(betas, (tuple, list))

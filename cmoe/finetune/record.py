@@ -1,5 +1,5 @@
-"""What a fine-tuned model carries about its training: the `finetune` record of `cmoe_recipe.yaml` and
-the model card's section on fine-tuning."""
+"""What a fine-tuned model carries about its training: the `finetune` record of `cmoe_recipe.yaml` (the
+model card's section on it is built from there, by cmoe.io.model_card)."""
 
 from cmoe.finetune.checkpoints import Checkpoint, TrainingState
 from cmoe.finetune.data import PROBE_WINDOWS, EvalData, TrainingData
@@ -7,7 +7,6 @@ from cmoe.finetune.model import LORA_TARGETS
 from cmoe.finetune.recipe import FinetuneRecipe
 from cmoe.io.artifacts import command_line, versions
 from cmoe.io.loading import ModelSource
-from cmoe.io.recipe_file import RECIPE_FILE
 
 DEFAULTS_SOURCE = (
     "CMoE (Pei et al. 2025, arXiv 2502.04416) fine-tuning recipe; mixtures after LLaMA-MoE / Sheared-LLaMA"
@@ -46,6 +45,7 @@ def finetune_record(
             "reference_model": reference.description if reference else None,
             "reference_losses": state.reference_losses,
         },
+        "teacher": reference.description if options.distill else None,
         "eval_data": eval_data.description if eval_data else None,
         "eval_curve": state.eval_curve,
         "loss_curve": state.loss_curve,
@@ -67,23 +67,3 @@ def finetune_record(
         "versions": versions(),
         "timings_s": timings,
     }
-
-
-def finetune_card(finetune: dict) -> str:
-    """The model card's section on training: the carved card above it describes the model as carved."""
-    options = finetune["options"]
-    method = f"LoRA r {options['lora_r']} / alpha {options['lora_alpha']} (merged)"
-    if options["full"]:
-        method = "every weight (--full)"
-    curve = finetune["eval_curve"]
-    quality = ""
-    if len(curve) > 1:
-        quality = f"perplexity on the eval data {curve[0]['perplexity']:.3f} -> {curve[-1]['perplexity']:.3f}; "
-    return f"""
-## Fine-tuning
-Fine-tuned with `cmoe finetune`: {method}, router scale u {"trained" if options["train_router"] else "frozen"},
-balancing bias b by the sign rule (speed {options["bias_speed"]:g}); {finetune["steps"]} steps, {finetune["tokens"]}
-tokens, {options["mixture"]} mixture of {len(finetune["data"])} source(s), LR {options["lr"]:g}, seed {options["seed"]};
-{quality}loss curve, routing load before/after and every option under `finetune` in `{RECIPE_FILE}`
-(`cmoe finetune --recipe {RECIPE_FILE} -o OUT` replays the run).
-"""

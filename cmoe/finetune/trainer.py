@@ -31,7 +31,9 @@ from cmoe.finetune.data import load_eval_data, load_training_data
 from cmoe.finetune.evaluation import evaluation_point, windows_nll
 from cmoe.finetune.model import (
     carved_record,
+    check_teacher,
     load_for_training,
+    load_teacher,
     merged_model,
     mixed_precision,
     param_groups,
@@ -39,13 +41,13 @@ from cmoe.finetune.model import (
     with_trainable_parameters,
 )
 from cmoe.finetune.recipe import FinetuneOptions, FinetuneRecipe, parse_data_spec
-from cmoe.finetune.record import finetune_card, finetune_record
+from cmoe.finetune.record import finetune_record
 from cmoe.finetune.routing import RoutingMeter, routing_load, update_biases
 from cmoe.io.artifacts import StageTimer, claimed_output
 from cmoe.io.carved import save_carved
 from cmoe.io.loading import check_seqlen, load_model, load_tokenizer, prepare_model
 from cmoe.numerics.mixture import dynamic_weights
-from cmoe.numerics.training import planned_steps
+from cmoe.numerics.training import distillation_kl, planned_steps
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class StepReport:
     loss: float
     tokens_per_second: float
     balance_loss: float | None = None
+    distill_loss: float | None = None
 
 
 StepCallback = Callable[[StepReport], None]
@@ -124,8 +127,11 @@ class FinetuneRun:
         self.prepared = prepare_model(self.recipe.model, self.recipe.device, self.recipe.dtype, kind="carved")
         check_seqlen(options.seqlen, self.prepared.config)
         self.reference = None
-        if options.reweights_mixture:
-            self.reference = reference_source(self.recipe.reference, self.prepared.source)
+        if options.reweights_mixture or options.distill:
+            needed_by = "--mixture dynamic" if options.reweights_mixture else "--distill"
+            self.reference = reference_source(self.recipe.reference, self.prepared.source, needed_by)
+        if options.distill:
+            check_teacher(self.reference, self.prepared.config)
         self.tokenizer = load_tokenizer(self.prepared.source)
         self.data = load_training_data(self.recipe.data, self.tokenizer, options)
         self.eval_data = None
@@ -134,7 +140,8 @@ class FinetuneRun:
         self.carved_record = carved_record(self.prepared.source)
 
     def _build_training(self) -> None:
-        """Accelerator, model with its adapters (seeded), routing meter, optimizer, state and step plan."""
+        """Accelerator, model with its adapters (seeded), --distill's teacher, routing meter, optimizer, state
+        and step plan."""
         options = self.options
         # Experts that no token picked in a micro-batch leave their adapters without gradient: DDP must allow it.
         unused = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -146,6 +153,10 @@ class FinetuneRun:
             shutil.rmtree(self.checkpoints)
         with self.timer.stage("load_model"):
             model = load_for_training(self.prepared, self.accelerator.device, options.grad_checkpointing)
+        self.teacher = None
+        if options.distill:
+            with self.timer.stage("load_teacher"):
+                self.teacher = load_teacher(self.reference, self.prepared.dtype, self.accelerator.device)
         set_seed(options.seed)
         model = with_trainable_parameters(model, options)
         self.meter = RoutingMeter(model)
@@ -166,15 +177,16 @@ class FinetuneRun:
                 with self.timer.stage("mixture"):
                     self._reweight()
             step_started = time.perf_counter()
-            loss, balance_loss = self._train_step()
+            loss, balance_loss, distill_loss = self._train_step()
             state.train_seconds += time.perf_counter() - step_started
             state.step += 1
             state.tokens += self.samples_per_step * options.seqlen
             point = {"step": state.step, "loss": loss, "tokens": state.tokens}
-            state.loss_curve.append(point if balance_loss is None else {**point, "balance_loss": balance_loss})
+            extra = {"balance_loss": balance_loss, "distill_loss": distill_loss}
+            state.loss_curve.append({**point, **{name: value for name, value in extra.items() if value is not None}})
             if self.on_step is not None and self.accelerator.is_main_process:
                 speed = state.tokens / max(state.train_seconds, 1e-9)
-                self.on_step(StepReport(state.step, self.last_step, loss, speed, balance_loss))
+                self.on_step(StepReport(state.step, self.last_step, loss, speed, balance_loss, distill_loss))
             if options.eval_every and self.eval_data is not None and state.step % options.eval_every == 0:
                 with self.timer.stage("eval"):
                     state.eval_curve.append(self._evaluation(self.model))
@@ -194,7 +206,7 @@ class FinetuneRun:
         carved model with its record. Returns the record on the main process, None on the others."""
         with self.timer.stage("merge"):
             merged = merged_model(self.model, self.prepared, self.options, self.accelerator)
-        del self.model, self.optimizer
+        del self.model, self.optimizer, self.teacher
         self.accelerator.free_memory()
         record = None
         if self.accelerator.is_main_process:
@@ -235,12 +247,11 @@ class FinetuneRun:
         )
         with self.slot.staged() as staging, self.timer.stage("save"):
             save_carved(merged, self.tokenizer, staging, record)
-            with (staging / "README.md").open("a") as card:
-                card.write(finetune_card(record["finetune"]))
         return record
 
     def _portable_recipe(self) -> FinetuneRecipe:
-        """The recipe to replay this run: local paths absolute, and the dense reference a dynamic mixture used."""
+        """The recipe to replay this run: local paths absolute, and the dense model a dynamic mixture or
+        --distill used."""
         portable = self.recipe.portable()
         return replace(portable, reference=self.reference.description) if self.reference else portable
 
@@ -257,11 +268,13 @@ class FinetuneRun:
             with self.timer.stage("eval"):
                 state.eval_curve.append(self._evaluation(self.model))
 
-    def _train_step(self) -> tuple[float, float | None]:
+    def _train_step(self) -> tuple[float, float | None, float | None]:
         """One optimizer step over `grad_accum` micro-batches, then the sign-rule update of every router bias.
-        Returns the mean language-model loss and the mean summed balance loss (None when no router has one)."""
+        Returns the mean language-model loss, the mean summed balance loss (None when no router has one) and
+        the mean distillation KL (None without --distill). With --distill W the step minimises
+        (1 - W) * LM loss + W * KL(teacher || student); the teacher's logits are computed per micro-batch."""
         options, accelerator, meter = self.options, self.accelerator, self.meter
-        step_losses, balance_losses = [], []
+        step_losses, balance_losses, distill_losses = [], [], []
         first = self.state.step * self.samples_per_step
         for micro in range(options.grad_accum):
             slot = (micro * accelerator.num_processes + accelerator.process_index) * options.batch_size
@@ -269,12 +282,18 @@ class FinetuneRun:
             batch = batch.to(accelerator.device)
             meter.active = True
             with accelerator.autocast():
-                loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss
+                output = self.model(input_ids=batch, labels=batch, use_cache=False)
             meter.active = False
             balance_loss = meter.take_balance_loss()
-            total = loss
+            loss, total = output.loss, output.loss
+            if self.teacher is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
+                distill_loss = distillation_kl(output.logits, teacher_logits, options.distill_temperature)
+                total = (1 - options.distill) * loss + options.distill * distill_loss
+                distill_losses.append(distill_loss.detach())
             if balance_loss is not None:
-                total = loss + options.balance_coef * balance_loss
+                total = total + options.balance_coef * balance_loss
                 balance_losses.append(balance_loss.detach())
             syncing = micro == options.grad_accum - 1
             with nullcontext() if syncing else accelerator.no_sync(self.model):
@@ -283,10 +302,13 @@ class FinetuneRun:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_biases(meter, options.bias_speed, accelerator)
-        mean_loss = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean")
-        if not balance_losses:
-            return float(mean_loss), None
-        return float(mean_loss), float(accelerator.reduce(torch.stack(balance_losses).mean(), reduction="mean"))
+        return self._mean(step_losses), self._mean(balance_losses), self._mean(distill_losses)
+
+    def _mean(self, losses: list[torch.Tensor]) -> float | None:
+        """The mean over micro-batches and processes (None for a loss the step did not have)."""
+        if not losses:
+            return None
+        return float(self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
 
     def _evaluation(self, model: torch.nn.Module) -> dict:
         windows, step = self.eval_data.windows, self.state.step
@@ -302,7 +324,10 @@ class FinetuneRun:
         ]
 
     def _reference_losses(self) -> list[float]:
-        """The dense model's loss on each domain's held-out windows, measured once."""
+        """The dense model's loss on each domain's held-out windows, measured once (by --distill's teacher
+        when there is one, rather than a second copy)."""
+        if self.teacher is not None:
+            return self._domain_losses(self.teacher)
         dense = load_model(self.reference, self.prepared.dtype).to(self.accelerator.device)
         losses = self._domain_losses(dense)
         del dense

@@ -27,6 +27,8 @@ _PACKAGES = (
     "gguf",
     "peft",
     "accelerate",
+    "datasets",
+    "lm_eval",
 )
 
 

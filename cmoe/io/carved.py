@@ -1,23 +1,17 @@
 """Saving and reloading carved models: a Hugging Face directory with its own modeling code."""
 
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.dynamic_module_utils import custom_object_save
 
 from cmoe.errors import CmoeError
-from cmoe.io.recipe_file import RECIPE_FILE, write_recipe
+from cmoe.io.model_card import write_card
+from cmoe.io.recipe_file import write_recipe
 from cmoe.io.shards import ShardWriter, tensor_shapes
-from cmoe.modeling import configuration_cmoe, modeling_cmoe
-from cmoe.routers import ROUTERS
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_cmoe.CMoEConfig",
-    "AutoModelForCausalLM": "modeling_cmoe.CMoEForCausalLM",
-}
 
 
 def without_gguf_quantization(config):
@@ -46,7 +40,6 @@ def save_carved(model: nn.Module, tokenizer, directory: Path, record: dict, writ
     code, tokenizer, recipe and model card."""
     directory.mkdir(parents=True, exist_ok=True)
     without_gguf_quantization(model.config)
-    model.config.auto_map = dict(AUTO_MAP)
     layers = model.model.layers
     writer = written or ShardWriter(directory, len(layers) + 1)
     if written is None:
@@ -62,13 +55,14 @@ def save_carved(model: nn.Module, tokenizer, directory: Path, record: dict, writ
     writer.finish()
     model.config.architectures = [type(model).__name__]
     model.config.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    # What save_pretrained does for a class registered for an auto class: the AutoModelForCausalLM entry of
+    # auto_map and modeling_cmoe.py with the files it imports; the config's own save adds AutoConfig.
+    custom_object_save(model, directory, config=model.config)
     model.config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    for module in (configuration_cmoe, modeling_cmoe):
-        shutil.copy(module.__file__, directory / Path(module.__file__).name)
     write_recipe(directory, record)
-    (directory / "README.md").write_text(model_card(model, record))
+    write_card(directory, record, model.config)
 
 
 def layer_tensors(layer: nn.Module, index: int) -> dict[str, torch.Tensor]:
@@ -138,70 +132,3 @@ def _layer_of(name: str) -> int:
     if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
         return int(parts[2])
     return 1 << 30
-
-
-def mean_active_neurons(config) -> float:
-    """FFN neurons computed per token, averaged over layers (a dense layer computes all of them)."""
-    widths = [spec.active_neurons if spec else config.text_config.intermediate_size for spec in config.layer_specs]
-    return sum(widths) / len(widths)
-
-
-def model_card(model: nn.Module, record: dict) -> str:
-    text_config = model.config.text_config
-    spec = next(spec for spec in model.config.layer_specs if spec)
-    dense_ffn = text_config.intermediate_size
-    active = mean_active_neurons(model.config)
-    per_layer = ", ".join(str(layer.top_k) if layer else "dense" for layer in model.config.layer_specs)
-    calibration = record.get("calibration") or {}
-    timings = "\n".join(f"| {stage} | {seconds:.2f} |" for stage, seconds in record.get("timings_s", {}).items())
-    shape = (
-        f"{record.get('config')} (shared {record.get('shared_experts')}, active routed {record.get('active_experts')}, "
-        f"experts {record.get('experts')})"
-    )
-    widths = (
-        f"{dense_ffn} dense; shared block {spec.shared_size}, {spec.num_experts} routed experts of {spec.expert_size}"
-    )
-    method = record.get("method", "cmoe")
-    if record.get("rescale"):
-        method += ", routed outputs rescaled by n/k"
-    if record.get("refit_down"):
-        method += ", down projections refitted by least squares on the calibration tokens"
-    router = "training-free" if ROUTERS[spec.router].training_free else "random start: train it with `cmoe finetune`"
-    source = calibration.get("source", calibration.get("path", "profile"))
-    windows = f"{record.get('nsamples', '-')} windows of {record.get('seqlen', '-')} tokens, seed {record.get('seed')}"
-    return f"""---
-library_name: transformers
-tags: [cmoe, mixture-of-experts, carved]
----
-# {record.get("config", "CMoE")} carved from {record.get("source_model", "a dense model")}
-
-A Mixture-of-Experts model carved without training by cmoe (CMoE, Pei et al. 2025,
-arXiv 2502.04416) from the dense `{text_config.model_type}` model `{record.get("source_model")}`.
-
-| | |
-|---|---|
-| configuration | {shape} |
-| FFN neurons per layer | {widths} |
-| active FFN neurons per token | {active:g} of {dense_ffn} ({active / dense_ffn:.1%}), mean over layers |
-| active routed experts per layer | {per_layer} (budget {record.get("budget", "uniform")}) |
-| construction method | {method} |
-| router | {spec.router} ({router}) |
-| K_a | {record.get("ka")} |
-| calibration | {source}: {windows} |
-| mode | {record.get("mode")} |
-
-## Load
-```python
-import cmoe  # registers the architecture; without cmoe pass trust_remote_code=True instead
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("PATH")
-tokenizer = AutoTokenizer.from_pretrained("PATH")
-```
-
-## Timings (seconds)
-| stage | seconds |
-|---|---|
-{timings}
-
-The full recipe (resolved options, versions, calibration data, timings) is in `{RECIPE_FILE}`.
-"""

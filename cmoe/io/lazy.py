@@ -4,7 +4,8 @@ The skeleton is built with its parameters on the meta device; the embeddings, fi
 are read at once; each decoder layer's tensors are read from the checkpoint's safetensors (one file or
 sharded, a local directory or a hub snapshot) when the pipeline runs that layer, and released after it.
 The values are those `from_pretrained(dtype=...)` gives (each tensor cast alone), so a lazy run and a
-run on the whole model compute the same bits.
+run on the whole model compute the same bits. A GGUF file is read the same way: each tensor dequantised
+alone through the `gguf` reader (memory-mapped), with transformers' own name map and tensor fix-ups.
 """
 
 from pathlib import Path
@@ -36,6 +37,7 @@ class LazyWeights:
         `from_pretrained` converts to fused ones): such a model is read whole."""
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        self._index(model)
         if not self._layers_match(model):
             return None
         outside = [name for name in self.files if not name.startswith(LAYER_PREFIX)]
@@ -56,6 +58,9 @@ class LazyWeights:
         if (self.directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(self.directory)
         return model.eval()
+
+    def _index(self, model: nn.Module) -> None:
+        """Learn the checkpoint's tensor names in the model's terms (safetensors names already are)."""
 
     def _layers_match(self, model: nn.Module) -> bool:
         """Every decoder layer's tensor names in the checkpoint are exactly the model's (names only)."""
@@ -94,17 +99,55 @@ class LazyWeights:
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
 
+class GgufWeights(LazyWeights):
+    """A GGUF file's tensors, one at a time: dequantised, renamed and fixed up (e.g. LLaMA's q/k rows
+    un-permuted) as transformers' GGUF loader does, then cast like every other tensor."""
+
+    def __init__(self, path: Path, dtype: torch.dtype):
+        from gguf import GGUFReader
+
+        self.directory, self.dtype, self.loaded = path, dtype, set()
+        self.reader = GGUFReader(path)
+        self.architecture = str(bytes(self.reader.fields["general.architecture"].parts[-1]), "utf-8")
+        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+        self.files: dict[str, str] = {}
+
+    def _index(self, model: nn.Module) -> None:
+        """The GGUF names of the model's tensors, and the fix-ups of the file's architecture (configured
+        from the model's config: the same values transformers parses from the file's metadata)."""
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+        self.processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=model.config.to_dict())
+        names = get_gguf_hf_weights_map(model, self.processor)
+        self.files = {names[name]: name for name in self.tensors if name in names}
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        import numpy as np
+        from gguf import dequantize
+
+        tensors = {}
+        for name in names:
+            tensor = self.tensors[self.files[name]]
+            fixed = self.processor.process(
+                weights=dequantize(tensor.data, tensor.tensor_type),
+                name=tensor.name,
+                tensor_key_mapping={},
+                parsed_parameters={},
+            )
+            tensors[name] = self._cast(torch.from_numpy(np.copy(fixed.weights)))
+        return tensors
+
+
 def _outside(name: str) -> bool:
     return not name.startswith(LAYER_PREFIX)
 
 
 def lazy_weights(location: str, gguf_file: str | None, dtype: torch.dtype) -> LazyWeights | None:
-    """Lazy weights for a local safetensors directory (or a hub snapshot's), None where the model must be
-    read whole (a GGUF file, whose tensors dequantise through transformers' loader, or a checkpoint
-    without safetensors)."""
-    if gguf_file:
-        return None
+    """Lazy weights for a local safetensors directory (or a hub snapshot's) or a local GGUF file, None where
+    the model must be read whole (a checkpoint without safetensors)."""
     directory = Path(location)
+    if gguf_file:
+        return GgufWeights(directory / gguf_file, dtype) if (directory / gguf_file).is_file() else None
     if not directory.is_dir():
         from huggingface_hub import snapshot_download
 

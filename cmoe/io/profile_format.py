@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 
 from cmoe.errors import CmoeError
-from cmoe.numerics.statistics import OPTIONAL_STATISTICS, ActivationStats
+from cmoe.numerics.statistics import OPTIONAL_STATISTICS, PROFILE_STATISTICS, ActivationStats
 
 FORMAT = "cmoe-profile/2"
 _DTYPE_NAMES = {torch.int64: "I64", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64"}
@@ -49,10 +49,12 @@ class StreamingSafetensorsWriter:
         Path(self._data.name).unlink()
 
 
-def profile_bytes_per_layer(num_neurons: int, hidden_size: int) -> int:
-    """Bytes one layer's statistics take in a profile (what write_layer writes), for the free-space check."""
+def profile_bytes_per_layer(num_neurons: int, hidden_size: int, extras: tuple[str, ...] = PROFILE_STATISTICS) -> int:
+    """Bytes one layer's statistics take in a profile (what write_layer writes): counts and rates, int32
+    co-activation, and the float64 `extras`; for the free-space check and for planning."""
     n, h = num_neurons, hidden_size + 1
-    return 8 * (3 * n + 1) + 4 * n * n + 8 * (n * n + h * h + h * n)
+    sizes = {"contribution_sum": n, "contribution_gram": n * n, "input_gram": h * h, "input_target": h * n}
+    return 8 * (2 * n + 1) + 4 * n * n + 8 * sum(sizes[name] for name in extras)
 
 
 def write_layer(writer: StreamingSafetensorsWriter, index: int, stats: ActivationStats) -> None:
@@ -108,6 +110,7 @@ class ProfileFile:
         if missing:
             raise CmoeError(
                 f"--profile {self.path}: lacks the statistics {', '.join(missing)}; profile again with this cmoe"
+                + (" and --gram" if "contribution_gram" in missing else "")
             )
 
     def layer(self, index: int) -> ActivationStats:
@@ -116,7 +119,7 @@ class ProfileFile:
             return ActivationStats(
                 tokens=int(handle.get_tensor(f"layers.{index}.tokens")[0]),
                 counts=handle.get_tensor(f"layers.{index}.counts"),
-                coactivation=handle.get_tensor(f"layers.{index}.coactivation").to(torch.int64),
+                coactivation=handle.get_tensor(f"layers.{index}.coactivation"),
                 extras=extras,
                 **{name: handle.get_tensor(f"layers.{index}.{name}") for name in extras},
             )

@@ -5,6 +5,7 @@ per-layer results) with the replayable typed recipe under `recipe`; a fine-tuned
 under `finetune` (its replayable recipe at `finetune.recipe`).
 """
 
+import os
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,22 @@ def recipe_text(record: dict) -> str:
 
 
 def write_recipe(directory: Path, record: dict) -> None:
-    (directory / RECIPE_FILE).write_text(recipe_text(record))
+    replace_files({directory / RECIPE_FILE: recipe_text(record)})
+
+
+def replace_files(texts: dict[Path, str]) -> None:
+    """Write each text whole to a temporary sibling, then rename them all over their paths: a failure while
+    writing (a full disk, an interrupt) leaves every file as it was, never half-written."""
+    temporaries: dict[Path, Path] = {}
+    try:
+        for path, text in texts.items():
+            temporaries[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporaries[path].write_text(text, encoding="utf-8")
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
 
 
 def artifact_recipe_path(directory: Path) -> Path:

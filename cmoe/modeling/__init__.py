@@ -10,4 +10,11 @@ from cmoe.modeling.modeling_cmoe import CMoEBlock, CMoEForCausalLM, Router
 AutoConfig.register(CMoEConfig.model_type, CMoEConfig, exist_ok=True)
 AutoModelForCausalLM.register(CMoEConfig, CMoEForCausalLM, exist_ok=True)
 
-__all__ = ["CMoEBlock", "CMoEConfig", "CMoEForCausalLM", "MoELayerSpec", "Router"]
+
+def mean_active_neurons(config: CMoEConfig) -> float:
+    """FFN neurons computed per token, averaged over layers (a dense layer computes all of them)."""
+    widths = [spec.active_neurons if spec else config.text_config.intermediate_size for spec in config.layer_specs]
+    return sum(widths) / len(widths)
+
+
+__all__ = ["CMoEBlock", "CMoEConfig", "CMoEForCausalLM", "MoELayerSpec", "Router", "mean_active_neurons"]

@@ -92,6 +92,10 @@ class CMoEConfig(PreTrainedConfig):
         return [None if spec is None else MoELayerSpec.from_dict(spec) for spec in self.cmoe_layers]
 
 
+# save_pretrained then maps AutoConfig to this class in `auto_map` and copies this file next to the weights.
+CMoEConfig.register_for_auto_class()
+
+
 def _as_spec(spec) -> MoELayerSpec:
     return spec if isinstance(spec, MoELayerSpec) else MoELayerSpec.from_dict(dict(spec))
 

@@ -372,6 +372,10 @@ class CMoEForCausalLM(CMoEPreTrainedModel, GenerationMixin):
         )
 
 
+# save_pretrained (and cmoe.io.carved) then map AutoModelForCausalLM to this class in `auto_map` and copy
+# this file, with configuration_cmoe.py that it imports relatively, next to the weights.
+CMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
 __all__ = [
     "CMoEForCausalLM",
     "CMoEPreTrainedModel",

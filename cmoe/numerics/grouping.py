@@ -40,7 +40,7 @@ def rank_by_contribution(stats: ActivationStats) -> torch.Tensor:
 def hamming_to_seeds(stats: ActivationStats, neurons: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """(n, N_r) L1 distances between binary mark columns: |c_i - c_s|_1 = cnt_i + cnt_s - 2 C_is."""
     counts = stats.counts.double().cpu()
-    coact = stats.coactivation.cpu()[neurons][:, seeds].double()
+    coact = stats.coactivation.cpu()[:, seeds][neurons].double()  # columns first: no n x d_h copy
     return counts[neurons].unsqueeze(1) + counts[seeds].unsqueeze(0) - 2.0 * coact
 
 

@@ -34,8 +34,8 @@ def accumulate_normal_equations(
     (products in fp32 within the batch, sums over batches in the float64 `gram` and `cross`).
 
     z_t is zero outside the pieces present on token t; piece i occupies columns offsets[i]:offsets[i] + size.
-    `target` (T, d) holds the dense outputs y_t of the batch's T tokens. Fill the lower triangle with
-    `symmetric_from_upper` once all batches are in.
+    `target` (T, d) holds the dense outputs y_t of the batch's T tokens. solve_down_projection reads the
+    upper triangle only.
     """
     tokens = target.shape[0]
     positions = []
@@ -59,23 +59,24 @@ def accumulate_normal_equations(
             gram[start_i:end_i, start_j:end_j] += product.double()
 
 
-def symmetric_from_upper(gram: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from its upper triangle (diagonal blocks are already full)."""
-    upper = gram.triu()
-    return upper + upper.T - upper.diagonal().diag()
-
-
 def solve_down_projection(
     gram: torch.Tensor, cross: torch.Tensor, initial: torch.Tensor, ridge: float = REFIT_RIDGE
 ) -> torch.Tensor:
     """argmin_W sum_t |y_t - W z_t|^2 + lambda |W - W0|^2, lambda = ridge * mean(diag(gram)).
 
-    `gram` (F, F) = sum z z^T, `cross` (F, d) = sum z y^T, `initial` W0 (d, F). Pulling towards W0
-    rather than zero keeps neurons that the calibration tokens rarely route to as they were.
-    Returns W (d, F) in float64.
+    `gram` (F, F) holds sum z z^T in its upper triangle (what accumulate_normal_equations fills; the rest
+    is not read) and is overwritten by the Cholesky factor of the ridge system, in place: the fit needs
+    no second F x F matrix (at 70B's width each is 6 GiB). `cross` (F, d) = sum z y^T, `initial` W0
+    (d, F). Pulling towards W0 rather than zero keeps neurons that the calibration tokens rarely route
+    to as they were. Returns W (d, F) in float64.
     """
-    gram = gram.double()
     penalty = ridge * gram.diagonal().mean().clamp_min(1e-30)
-    system = gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    solution = torch.linalg.solve(system, cross.double() + penalty * initial.double().T)
+    gram.diagonal().add_(penalty)
+    # The transposed view's lower triangle is gram's upper one, all that the factorisation reads.
+    lower = gram.T
+    info = torch.empty(0, dtype=torch.int32, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
+    if int(info):
+        raise ValueError(f"the refit's ridge system is not positive definite (minor {int(info)})")
+    solution = torch.cholesky_solve(cross.double() + penalty * initial.double().T, factor)
     return solution.T

@@ -72,15 +72,27 @@ def top_k_marks(state: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def coactivation_counts(marks: torch.Tensor, num_neurons: int) -> torch.Tensor:
-    """(d_h, d_h) int64 counts of tokens in which neurons i and j are both marked (diagonal: marks of i)."""
+    """(d_h, d_h) int32 counts of tokens in which neurons i and j are both marked (diagonal: marks of i)."""
+    counts = torch.zeros(num_neurons, num_neurons, dtype=torch.int32, device=marks.device)
+    add_coactivation(counts, marks)
+    return counts
+
+
+def add_coactivation(counts: torch.Tensor, marks: torch.Tensor) -> None:
+    """Add one batch's co-activation counts into `counts` in place: each token's K_a^2 mark pairs are
+    scattered into it, so no d_h x d_h temporary is made (at 70B's width one would be 6 GiB); a dense
+    product only when K_a^2 exceeds d_h."""
+    num_neurons = counts.shape[0]
     marks = marks.reshape(-1, marks.shape[-1])
     k = marks.shape[-1]
     if k * k <= num_neurons:
         pairs = (marks.unsqueeze(-1) * num_neurons + marks.unsqueeze(-2)).reshape(-1)
-        return torch.bincount(pairs, minlength=num_neurons * num_neurons).view(num_neurons, num_neurons)
+        ones = torch.ones(1, dtype=counts.dtype, device=counts.device).expand(pairs.numel())
+        counts.view(-1).index_put_((pairs,), ones, accumulate=True)
+        return
     dense = torch.zeros(marks.shape[0], num_neurons, dtype=torch.float32, device=marks.device)
     dense.scatter_(1, marks, 1.0)
-    return (dense.T @ dense).round().long()
+    counts += (dense.T @ dense).round().to(counts.dtype)
 
 
 def with_constant(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +101,12 @@ def with_constant(x: torch.Tensor) -> torch.Tensor:
 
 
 OPTIONAL_STATISTICS = ("contribution_sum", "contribution_gram", "input_gram", "input_target")
+# The d_h x d_h contribution Gram is by far the largest statistic (8 d_h^2 bytes per layer, 0.9 GiB at
+# LLaMA-2-7B's width): a profile holds it only when asked (`cmoe profile --gram`, for `--grouping kmeans`).
+PROFILE_STATISTICS = tuple(name for name in OPTIONAL_STATISTICS if name != "contribution_gram")
+# Co-activation counts are int32 (half the memory of int64, on the device and on disk): exact while a
+# layer sees fewer tokens than this (counts, and the Hamming distances built from them, stay below 2^31).
+MAX_PROFILE_TOKENS = (1 << 30) - 1
 
 
 @dataclass
@@ -123,7 +141,7 @@ class ActivationStats:
         return cls(
             tokens=0,
             counts=torch.zeros(num_neurons, dtype=torch.int64, device=device),
-            coactivation=torch.zeros(num_neurons, num_neurons, dtype=torch.int64, device=device),
+            coactivation=torch.zeros(num_neurons, num_neurons, dtype=torch.int32, device=device),
             extras=tuple(extras),
             **optional,
         )
@@ -150,9 +168,13 @@ class ActivationStats:
         """Fold one batch in: `marks` (tokens, K_a); `contribution` (tokens, d_h) and the FFN inputs
         `x` (tokens, d) feed the optional statistics that were asked for."""
         marks = marks.reshape(-1, marks.shape[-1])
+        if self.tokens + marks.shape[0] > MAX_PROFILE_TOKENS:
+            raise ValueError(
+                f"more than {MAX_PROFILE_TOKENS} calibration tokens per layer: the int32 counts would overflow"
+            )
         self.tokens += marks.shape[0]
         self.counts += torch.bincount(marks.reshape(-1), minlength=self.num_neurons)
-        self.coactivation += coactivation_counts(marks, self.num_neurons)
+        add_coactivation(self.coactivation, marks)
         if self.extras and contribution is None:
             raise ValueError(f"statistics {self.extras} need the batch's contributions")
         if self.contribution_sum is not None:

@@ -35,3 +35,14 @@ def epoch_order(seed: int, epoch: int, nsamples: int) -> tuple[int, ...]:
     order = list(range(nsamples))
     random.Random(f"cmoe-epoch:{seed}:{epoch}").shuffle(order)
     return tuple(order)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over the predicted positions (all but the last, as the language-model loss shifts) of
+    KL(teacher || student) between next-token distributions softened by `temperature`, times T^2 so that
+    the gradient keeps its scale across temperatures (Hinton et al. 2015). In fp32: half-precision
+    log-probabilities of a large vocabulary lose the small differences the KL is made of."""
+    student = torch.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    teacher = torch.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    per_token = torch.sum(teacher.exp() * (teacher - student), dim=-1)
+    return per_token.mean() * temperature**2

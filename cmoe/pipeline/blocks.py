@@ -5,7 +5,7 @@ from torch import nn
 
 from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.numerics.grouping import Partition
-from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection, symmetric_from_upper
+from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection
 from cmoe.numerics.statistics import ActivationStats
 from cmoe.routers import ROUTERS
 from cmoe.shape import MoELayerSpec
@@ -101,7 +101,7 @@ def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge:
         )
         kept.append([Piece(piece.features.cpu(), piece.rows.cpu()) for piece in pieces])
     initial = torch.cat([down.weight for down in downs], dim=1)
-    fitted = solve_down_projection(symmetric_from_upper(gram), cross, initial, ridge)
+    fitted = solve_down_projection(gram, cross, initial, ridge)
     for down, part in zip(downs, fitted.split(sizes, dim=1)):
         down.weight.copy_(part.to(weight.dtype))
     transposed = [down.weight.float().cpu().T for down in downs]

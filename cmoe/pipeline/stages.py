@@ -128,6 +128,9 @@ class BuildBlock(Stage):
                 dense, work.stats, self.options, pipeline.model.config.hidden_act, work.index, importance
             )
             dense.to("cpu")
+        # Nothing after the block is built reads the statistics: free them (the co-activation counts alone
+        # are 3 GiB at 70B's width) before the refit needs its own d_h x d_h system.
+        work.stats = None
 
     def restore(self, pipeline: Pipeline, state, done: int) -> None:
         """The layers a resumed carve skips were written already: they keep only their block's shape."""
