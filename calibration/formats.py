@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmoe.errors import CmoeError
+from cmoe.errors import HUB_ERRORS, CmoeError
 
 Reader = Callable[[Path], Iterable[str]]
 
@@ -72,7 +72,7 @@ def _guarded(path, reader: Reader, limit: int | None) -> Iterator[str]:
         raise
     except UnicodeDecodeError as error:
         raise CmoeError(f"{path}: unreadable, not UTF-8 text (invalid byte at position {error.start})") from error
-    except (OSError, ValueError, EOFError, zlib.error, pa.ArrowException) as error:
+    except (*HUB_ERRORS, ValueError, EOFError, zlib.error, pa.ArrowException) as error:
         raise CmoeError(f"{path}: unreadable ({type(error).__name__}: {first_line(error)})") from error
 
 

@@ -167,7 +167,7 @@ def streamed_rows(name: str, path: str, config: str | None, data_files, split: s
         return datasets.load_dataset(
             path, name=config, data_files=data_files, split=split, streaming=True, revision=revision
         )
-    except (KeyError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (*HUB_ERRORS, KeyError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
         raise CmoeError(f"{name}: cannot open the dataset ({type(error).__name__}: {first_line(error)})") from error
 
 

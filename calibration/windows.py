@@ -105,7 +105,10 @@ def read_tokens(source: TextSource, tokenizer, min_tokens: int | None = None) ->
         exhausted = _read_until(documents, read, target)
         text = source.separator.join(read)
         if not text.strip():
-            raise CmoeError(f"{source.name}: the text is empty (nothing but whitespace)")
+            if exhausted:
+                raise CmoeError(f"{source.name}: the text is empty (nothing but whitespace)")
+            target *= 2
+            continue
         tokens = tokenize_text(text, tokenizer)
         if exhausted or tokens.numel() >= min_tokens + CUT_MARGIN_TOKENS:
             break

@@ -367,3 +367,16 @@ def test_evaluation_needs_one_full_window():
     for seqlen, max_windows in [(0, None), (16, 0)]:
         with pytest.raises(CmoeError, match="at least one"):
             evaluation_windows(torch.arange(100), seqlen, max_windows)
+
+
+def test_a_named_source_ignores_the_file_sha256_an_older_recipe_recorded(fake_hub):
+    from cmoe.carving import calibration_tokens
+    from cmoe.io.artifacts import StageTimer
+    from cmoe.io.loading import prepare_model
+    from cmoe.recipes import Calibration
+
+    prepared = prepare_model(str(TOKENIZER_DIR), "cpu", "float32", kind="dense")
+    _, windows, description = calibration_tokens(
+        Calibration("wikitext2", nsamples=1, seqlen=8, sha256="ab" * 32), prepared, StageTimer()
+    )
+    assert windows.shape == (1, 8) and description["commit"] == COMMIT

@@ -179,3 +179,9 @@ def test_an_unreachable_hub_answers_in_one_line(tmp_path, carved_dir):
         result = subprocess.run([*cli, *command], env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert expected in result.stderr and "ConnectError" in result.stderr
+
+
+def test_a_stream_that_opens_with_blank_documents_reads_on(tokenizer):
+    documents = ["   "] * 200 + STORIES
+    stream = read_tokens(counted(documents, [0]), tokenizer, 300)
+    assert stream.tokens.numel() >= 300 and stream.description["documents"] > 200
