@@ -102,6 +102,15 @@ DtypeOpt = Annotated[
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result (paths, figures, timings) as JSON on stdout.")]
+RecordOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--record/--no-record",
+        help="Save the result into the model's recipe and model card (default: when MODEL is a directory written "
+        "by cmoe).",
+        show_default=False,
+    ),
+]
 StatisticOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -531,15 +540,7 @@ def perplexity(
         Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows (quick runs).")
     ] = None,
     split: Annotated[str, typer.Option("--split", help="Split of a named source: test, validation or train.")] = "test",
-    record: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--record/--no-record",
-            help="Save the result into the model's recipe and model card (default: when MODEL is a directory "
-            "written by cmoe).",
-            show_default=False,
-        ),
-    ] = None,
+    record: RecordOpt = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -629,15 +630,7 @@ def tasks(
     include_path: Annotated[
         Optional[Path], typer.Option("--include-path", help="A folder of local lm-eval task YAMLs, as lm-eval's.")
     ] = None,
-    record: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--record/--no-record",
-            help="Save the scores into the model's recipe and model card (default: when MODEL is a directory "
-            "written by cmoe).",
-            show_default=False,
-        ),
-    ] = None,
+    record: RecordOpt = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
