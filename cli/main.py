@@ -30,6 +30,8 @@ from cmoe.io.memory import release_large_blocks_on_free
 from cmoe.io.push import push_artifact
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
+from cmoe.numerics.reconstruction import TOKEN_WEIGHTINGS
+from cmoe.pipeline.reconstruct import RECONSTRUCTED_PARTS
 from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
 from cmoe.recipes import PRESETS, Calibration, Compute, build_carve_recipe
@@ -362,6 +364,43 @@ def carve(
             "tokens, routing fixed (closed form, no inference cost; sequential carving and --budget uniform only).",
         ),
     ] = None,
+    refit_ridge: Annotated[
+        Optional[float],
+        typer.Option(
+            "--refit-ridge",
+            help="Strength of --refit-down's pull towards the carved weights, times the mean feature energy "
+            "(default 0.01).",
+        ),
+    ] = None,
+    reconstruct_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--reconstruct-steps",
+            help="Optimiser steps per layer that train its MoE block towards the dense FFN's outputs on the "
+            "calibration tokens, after the refit (0: off, the default; sequential carving and --budget uniform only).",
+        ),
+    ] = None,
+    reconstruct_lr: Annotated[
+        Optional[float], typer.Option("--reconstruct-lr", help="Adam learning rate of --reconstruct-steps (1e-4).")
+    ] = None,
+    reconstruct_tokens: Annotated[
+        Optional[int],
+        typer.Option("--reconstruct-tokens", help="Calibration tokens per reconstruction step, drawn seeded (1024)."),
+    ] = None,
+    reconstruct_parts: Annotated[
+        Optional[str],
+        typer.Option(
+            "--reconstruct-parts",
+            help=_choices(RECONSTRUCTED_PARTS, "What --reconstruct-steps trains (default all)."),
+        ),
+    ] = None,
+    reconstruct_weighting: Annotated[
+        Optional[str],
+        typer.Option(
+            "--reconstruct-weighting",
+            help=_choices(TOKEN_WEIGHTINGS, "How the reconstruction weighs calibration tokens (default uniform)."),
+        ),
+    ] = None,
     gating: Annotated[
         Optional[str],
         typer.Option("--gating", help=_choices(GATINGS, "How the selected experts are weighted (default cmoe).")),
@@ -433,9 +472,15 @@ def carve(
         "router": router,
         "budget": budget,
         "refit_down": refit_down,
+        "refit_ridge": refit_ridge,
         "propagate": propagate,
         "gating": gating,
         "flat_gate": flat_gate,
+        "reconstruct_steps": reconstruct_steps,
+        "reconstruct_lr": reconstruct_lr,
+        "reconstruct_tokens": reconstruct_tokens,
+        "reconstruct_parts": reconstruct_parts,
+        "reconstruct_weighting": reconstruct_weighting,
     }
     calibration = {"source": data, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     compute = {"device": device, "dtype": dtype, "batch_size": batch_size}

@@ -10,7 +10,8 @@ import torch
 
 from cmoe.calibration import STREAM_POOL, TextSource, calibration_windows, check_fits_text, open_text, read_tokens
 from cmoe.errors import CmoeError
-from cmoe.export import export_model
+from cmoe.export.base import CarvedView
+from cmoe.export.writer import ExportWriter, WriteExportedLayer
 from cmoe.io.artifacts import RESUME_DIR, StageTimer, claimed_output, command_line, versions
 from cmoe.io.carved import save_carved
 from cmoe.io.lazy import LazyWeights
@@ -25,6 +26,7 @@ from cmoe.io.loading import (
     prepare_model,
 )
 from cmoe.modeling import mean_active_neurons
+from cmoe.modeling.configuration_cmoe import CMoEConfig
 from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
 from cmoe.io.recipe_file import recipe_text
 from cmoe.io.shards import ShardWriter
@@ -193,7 +195,7 @@ def carve(
     started = time.perf_counter()
     options, compute = recipe.options, recipe.compute
     if resume and recipe.export_format is not None:
-        raise CmoeError("--resume continues cmoe-format carves; --format carves are written at the end")
+        raise CmoeError("--resume continues cmoe-format carves; a --format carve keeps no state to resume from")
     with claimed_output(output, overwrite, resume=resume) as slot:
         profile = None if recipe.profile is None else Path(recipe.profile)
         check_stages(carve_stages(options, profile, compute.batch_size), has_calibration=recipe.calibration is not None)
@@ -236,10 +238,10 @@ def carve(
             )
         with slot.staged() as staging:
             staging.mkdir(exist_ok=True)
-            weights, writer, extra, checkpoints = None, None, [], None
+            weights, checkpoints = None, None
             native = recipe.export_format is None
             with timer.stage("load_model"):
-                if native and not METHODS.get(options.method).needs_gradients:
+                if not METHODS.get(options.method).needs_gradients:
                     dense, weights = load_layerwise(prepared)
                 else:
                     dense = load_model(prepared.source, prepared.dtype)
@@ -247,6 +249,9 @@ def carve(
                 writer = ShardWriter(staging, dense_config.num_hidden_layers + 1)
                 extra = [WriteCarvedLayer(writer)]
                 checkpoints = LayerCheckpoints(staging / RESUME_DIR, resume_fingerprint(portable, prepared, profile))
+            else:
+                writer = ExportWriter(planned_view(dense, options, recipe.export_format), staging)
+                extra = [WriteExportedLayer(writer)]
             record["loading"] = "per layer (lazy)" if weights is not None else "whole model"
             try:
                 carved = carve_model(
@@ -261,6 +266,7 @@ def carve(
                     extra,
                     weights,
                     checkpoints,
+                    record,
                 )
                 record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
                 record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
@@ -268,10 +274,10 @@ def carve(
                 with timer.stage("save"):
                     record["timings_s"] = timer.rounded()
                     record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-                    if recipe.export_format is None:
+                    if native:
                         save_carved(carved, tokenizer, staging, record, writer)
                     else:
-                        export_model(carved, tokenizer, staging, recipe.export_format, record)
+                        writer.finish(tokenizer, carved.generation_config, record)
                 if checkpoints is not None and checkpoints.directory.exists():
                     shutil.rmtree(checkpoints.directory)
             except BaseException:
@@ -295,15 +301,30 @@ def carve_model(
     extra_stages: Sequence[Stage] = (),
     weights: LazyWeights | None = None,
     checkpoints: LayerCheckpoints | None = None,
+    record: dict | None = None,
 ) -> CMoEForCausalLM:
     """Carve a loaded dense model in place (its MLPs become MoE blocks) on calibration `windows`, or from
     a saved `profile` (windows None), and return it wrapped in the carved architecture. `extra_stages`
     run after the carve's own stages, on every layer (e.g. to measure each block before propagation, or to
     write it out); with lazy `weights` each layer is read before its pass and released once final; with
-    `checkpoints` the state after each layer is saved, and a saved state is resumed."""
+    `checkpoints` the state after each layer is saved, and a saved state is resumed; `record` receives
+    what the stages measured (e.g. each layer's reconstruction error)."""
     stages = carve_stages(options, profile, batch_size) + list(extra_stages)
     Pipeline(model, stages, windows, batch_size, device, options.propagate, timer, on_layer, weights, checkpoints).run()
+    if record is not None:
+        for stage in stages:
+            record.update(stage.report())
     return as_carved_model(model, options)
+
+
+def planned_view(dense: torch.nn.Module, options: CarveOptions, fmt: str) -> CarvedView:
+    """The export view of the carve of `dense` before any block is built: a `--format` carve has one spec
+    for every layer (its options are checked for a uniform budget), so the config the carved model will
+    have is known up front, and each layer is exported as soon as the pipeline makes it final."""
+    text_config = dense.config
+    spec = options.shape.layer_spec(text_config.intermediate_size, options.router, options.gating)
+    config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=[spec] * text_config.num_hidden_layers)
+    return CarvedView.of(dense, fmt, config)
 
 
 def carve_record(options: CarveOptions, **extra) -> dict:

@@ -34,6 +34,12 @@ def check_number(name: str, value) -> None:
         raise CmoeError(f"{flag(name)} {value!r}: expected a finite number")
 
 
+def check_positive(name: str, value) -> None:
+    check_number(name, value)
+    if not value > 0:
+        raise CmoeError(f"{flag(name)} {value}: must be positive")
+
+
 def portable_location(location: str) -> str:
     """A path that exists here, made absolute so that a recipe replays from any directory (a local path
     wins over a hub id of the same name, as in `resolve_source`); a hub id as given."""

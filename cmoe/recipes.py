@@ -13,6 +13,7 @@ from cmoe.checks import (
     check_device_name,
     check_dtype_name,
     check_integer,
+    check_positive,
     given,
     portable_text_source,
     recipe_fields,
@@ -23,6 +24,9 @@ from cmoe.export import EXPORT_FORMATS, check_options_exportable
 from cmoe.io.recipe_file import read_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
+from cmoe.numerics.reconstruction import TOKEN_WEIGHTINGS
+from cmoe.numerics.refit import REFIT_RIDGE
+from cmoe.pipeline.reconstruct import RECONSTRUCTED_PARTS
 from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
 from cmoe.registry import Registry
@@ -49,6 +53,8 @@ _CHOICES = {
     "preset": PRESETS,
     "propagate": PROPAGATIONS,
     "gating": GATINGS,
+    "reconstruct_parts": RECONSTRUCTED_PARTS,
+    "reconstruct_weighting": TOKEN_WEIGHTINGS,
 }
 
 
@@ -67,12 +73,18 @@ class CarveOptions:
     router: str = "analytic"
     budget: str = "uniform"
     refit_down: bool = False
+    refit_ridge: float = REFIT_RIDGE
     preset: str = "reference"
     seed: int = 0
     rescale: bool = False
     propagate: str = "carved"
     gating: str = "cmoe"
     flat_gate: bool = False
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = 1e-4
+    reconstruct_tokens: int = 1024
+    reconstruct_parts: str = "all"
+    reconstruct_weighting: str = "uniform"
 
     def __post_init__(self):
         if not isinstance(self.shape, MoEShape):
@@ -83,6 +95,10 @@ class CarveOptions:
         check_integer("ka", self.ka, 1)
         check_integer("kmeans_iterations", self.kmeans_iterations, 0)
         check_integer("seed", self.seed, 0)
+        check_integer("reconstruct_steps", self.reconstruct_steps, 0)
+        check_integer("reconstruct_tokens", self.reconstruct_tokens, 1)
+        check_positive("reconstruct_lr", self.reconstruct_lr)
+        check_positive("refit_ridge", self.refit_ridge)
         METHODS.get(self.method).check(self.method, self)
         if self.rescale and self.budget == "adaptive":
             raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget adaptive")
@@ -101,6 +117,11 @@ class CarveOptions:
             raise CmoeError(
                 "--refit-down fits each layer for its number of active experts, which --budget adaptive only fixes "
                 "after the last layer: pass --budget uniform or --no-refit-down"
+            )
+        if self.reconstruct_steps and self.budget == "adaptive":
+            raise CmoeError(
+                "--reconstruct-steps trains each layer for its number of active experts, which --budget adaptive "
+                "only fixes after the last layer: pass --budget uniform or --reconstruct-steps 0"
             )
 
     @classmethod

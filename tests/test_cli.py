@@ -28,7 +28,7 @@ def assert_one_line_error(capsys, args, expected: str) -> None:
     lines = [
         line
         for line in err.splitlines()
-        if line.strip() and not line.lstrip().startswith(("profile layer", "carve", "eval layer", "note:"))
+        if line.strip() and not line.lstrip().startswith(("profile layer", "carve", "export ", "eval layer", "note:"))
     ]
     if lines and lines[0].startswith("Usage: cmoe"):
         lines = lines[1:]

@@ -237,11 +237,11 @@ def test_ernie_refuses_a_dense_layer_between_carved_ones_and_maps_the_run():
     layers = list(carved.config.cmoe_layers)
     carved.config.cmoe_layers = [None, *layers[1:]]
     carved.model.layers[0].mlp = mlp
-    view = CarvedView(carved, "ernie4.5-moe")
+    view = CarvedView.of(carved, "ernie4.5-moe")
     check_exportable(view, EXPORT_FORMATS.get("ernie4.5-moe"))
     assert ernie4_5_moe_config(view)["moe_layer_start_index"] == 1
     carved.config.cmoe_layers = [layers[0], None, *layers[2:]]
     carved.model.layers[1].mlp = mlp
     with pytest.raises(cmoe.CmoeError, match="dense layer 1 sits between carved layers"):
-        check_exportable(view, EXPORT_FORMATS.get("ernie4.5-moe"))
+        check_exportable(CarvedView.of(carved, "ernie4.5-moe"), EXPORT_FORMATS.get("ernie4.5-moe"))
     assert interleaved_rope_rows(8, 4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]

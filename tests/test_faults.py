@@ -344,7 +344,9 @@ def test_two_carves_to_one_output_the_second_refuses_at_once(tmp_path):
     assert first.poll() is None, "the first carve must still be running"
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=120)
-    assert first.returncode == 130 and list(tmp_path.iterdir()) == []
+    # Under load the first carve may finish a layer before the interrupt: it then keeps its partial output
+    # for --resume (test_an_interrupted_carve_... covers that case), never a complete-looking one.
+    assert first.returncode == 130 and {path.name for path in tmp_path.iterdir()} <= {".out.partial"}
 
 
 @pytest.mark.slow

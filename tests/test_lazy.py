@@ -237,3 +237,93 @@ def test_a_gguf_file_is_read_one_layer_at_a_time_with_the_whole_loads_values():
             assert torch.equal(tensor, whole[f"model.layers.{index}.{name}"]), (index, name)
         weights.release(model, index)
         assert model.model.layers[index].self_attn.q_proj.weight.is_meta
+
+
+# A --format carve per format family: a shared expert with a doubled down projection, and experts only.
+FORMAT_CARVES = {"qwen2-moe": "S1A2E8", "mixtral": "S0A2E8"}
+
+
+def format_options(fmt: str, shape: str) -> CarveOptions:
+    """What `cmoe carve --format FMT` resolves to: the format's linear gate and gating rule, the flat gate."""
+    from cmoe.export import EXPORT_FORMATS
+
+    gating = EXPORT_FORMATS.get(fmt).gating
+    return CarveOptions(MoEShape.parse(shape), router="linear-gate", gating=gating, flat_gate=True)
+
+
+def same_export(left: Path, right: Path) -> None:
+    """Byte-identical weights (every shard and the index) and the same config and generation config."""
+    shards = sorted(path.name for path in left.glob("*.safetensors"))
+    assert shards == sorted(path.name for path in right.glob("*.safetensors")) and len(shards) == 3
+    for name in [*shards, INDEX_FILE, "config.json", "generation_config.json"]:
+        assert filecmp.cmp(left / name, right / name, shallow=False), name
+
+
+@pytest.mark.parametrize("fmt", FORMAT_CARVES)
+def test_a_lazy_format_carve_writes_the_bits_of_a_whole_model_export(sharded_model_dir, tmp_path, monkeypatch, fmt):
+    from cmoe.carving import carve
+    from cmoe.export import export_model
+    from cmoe.recipes import CarveRecipe
+
+    options = format_options(fmt, FORMAT_CARVES[fmt])
+    recipe = CarveRecipe(str(sharded_model_dir), options, CALIBRATION, None, Compute("cpu"), fmt)
+    assert carve(recipe, tmp_path / "lazy")["loading"] == "per layer (lazy)"
+    prepared = prepare_model(str(sharded_model_dir), "cpu", "auto", kind="dense")
+    tokenizer, windows, _ = calibration_tokens(CALIBRATION, prepared, StageTimer())
+    in_memory = carve_model(load_model(prepared.source, prepared.dtype), windows, options)
+    export_model(in_memory, tokenizer, tmp_path / "in-memory", fmt, {})
+    same_export(tmp_path / "lazy", tmp_path / "in-memory")
+    monkeypatch.setattr(
+        "cmoe.carving.load_layerwise", lambda prepared: (load_model(prepared.source, prepared.dtype), None)
+    )
+    assert carve(recipe, tmp_path / "whole")["loading"] == "whole model"
+    same_export(tmp_path / "lazy", tmp_path / "whole")
+    assert cmoe.read_recipe(tmp_path / "lazy")["export"]["format"] == fmt
+
+
+@pytest.fixture
+def linear_gate_carve(tiny_model_dir, tmp_path) -> Path:
+    """A native carve every format can hold: a linear gate under the renormalised softmax, whole shared experts."""
+    out = tmp_path / "carved"
+    cmoe.run_carve(str(tiny_model_dir), out, format_options("qwen2-moe", "S2A2E8"), CALIBRATION, compute=Compute("cpu"))
+    return out
+
+
+@pytest.mark.parametrize("fmt,dtype", [("qwen2-moe", "auto"), ("ernie4.5-moe", "bfloat16")])
+def test_cmoe_export_reads_one_layer_at_a_time_and_writes_the_in_memory_exports_bits(
+    linear_gate_carve, tmp_path, fmt, dtype
+):
+    from cmoe.export import export_model, run_export
+    from cmoe.export.writer import load_carved_layerwise
+    from cmoe.io.loading import DTYPES
+
+    model, weights = load_carved_layerwise(prepare_model(str(linear_gate_carve), "cpu", "auto", kind="carved"))
+    assert weights is not None and all(next(layer.parameters()).is_meta for layer in model.model.layers)
+    held = []
+
+    def count_held(done: int, total: int) -> None:
+        held.append(sum(not next(layer.parameters()).is_meta for layer in model.model.layers))
+
+    tokenizer = load_tokenizer(prepare_model(str(linear_gate_carve), "cpu", "auto").source)
+    export_model(model, tokenizer, tmp_path / "direct", fmt, {}, DTYPES.get(dtype), count_held, weights)
+    assert held == [0, 0]  # each layer released once written
+    run_export(str(linear_gate_carve), fmt, tmp_path / "lazy", dtype)
+    export_model(cmoe.load_carved(linear_gate_carve), tokenizer, tmp_path / "in-memory", fmt, {}, DTYPES.get(dtype))
+    same_export(tmp_path / "lazy", tmp_path / "in-memory")
+    same_export(tmp_path / "direct", tmp_path / "in-memory")
+
+
+def test_a_layer_the_format_cannot_hold_is_refused_in_one_line_and_nothing_is_left(linear_gate_carve, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from test_cli import assert_one_line_error
+
+    shard = linear_gate_carve / "model-00002-of-00003.safetensors"
+    tensors = load_file(shard)
+    name = "model.layers.1.mlp.router.bias"
+    tensors[name] = torch.linspace(-0.3, 0.3, tensors[name].numel())
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = tmp_path / "qwen"
+    args = ["export", str(linear_gate_carve), "--format", "qwen2-moe", "-o", str(out)]
+    assert_one_line_error(capsys, args, "layer 1 has a balancing bias the format lacks")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["carved", "tiny-dense"]

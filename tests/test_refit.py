@@ -11,7 +11,7 @@ from cmoe.errors import CmoeError
 from cmoe.modeling.configuration_cmoe import MoELayerSpec
 from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.recipes import CarveOptions
-from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection
+from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations, solve_down_projection
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
 
@@ -26,10 +26,51 @@ def test_normal_equations_by_hand():
         Piece(torch.tensor([[2.0]]), torch.tensor([1])),
     ]
     target = torch.tensor([[1.0], [10.0], [100.0]])
-    gram, cross = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)
+    gram, cross = DenseGram([1, 1, 1], "cpu"), torch.zeros(3, 1, dtype=torch.float64)
     accumulate_normal_equations(gram, cross, pieces, [0, 1, 2], target)
-    assert gram.triu().tolist() == [[14.0, 4.0, 4.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0]]
+    assert gram.matrix.triu().tolist() == [[14.0, 4.0, 4.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0]]
     assert cross.flatten().tolist() == [321.0, 101.0, 20.0]
+    arrow = ArrowGram([1, 1, 1], "cpu", shared=True)
+    accumulate_normal_equations(arrow, torch.zeros(3, 1, dtype=torch.float64), pieces, [0, 1, 2], target)
+    assert [block.item() for block in arrow.diagonal] == [14.0, 2.0, 4.0]
+    assert [block.item() for block in arrow.border[1:]] == [4.0, 4.0]
+
+
+def _top1_pieces(tokens: int, sizes: list[int], shared: bool, seed: int = 0) -> list[Piece]:
+    generator = torch.Generator().manual_seed(seed)
+    expert_of = torch.randint(len(sizes) - shared, (tokens,), generator=generator)
+    pieces = [Piece(torch.randn(tokens, sizes[0], generator=generator), torch.arange(tokens))] if shared else []
+    for expert, size in enumerate(sizes[int(shared) :]):
+        rows = (expert_of == expert).nonzero().flatten()
+        pieces.append(Piece(torch.randn(len(rows), size, generator=generator), rows))
+    return pieces
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_arrow_system_solves_top1_routing_as_the_whole_system_does(shared):
+    sizes = [5, 3, 4, 3] if shared else [3, 4, 3]
+    pieces = _top1_pieces(80, sizes, shared)
+    offsets = [sum(sizes[:index]) for index in range(len(sizes))]
+    target = torch.randn(80, 6)
+    initial = torch.randn(6, sum(sizes))
+    solutions = []
+    for gram in (DenseGram(sizes, "cpu"), ArrowGram(sizes, "cpu", shared)):
+        cross = torch.zeros(sum(sizes), 6, dtype=torch.float64)
+        accumulate_normal_equations(gram, cross, pieces, offsets, target)
+        solutions.append(gram.solve(cross, initial, ridge=0.3))
+    assert torch.allclose(solutions[0], solutions[1], rtol=1e-9, atol=1e-12)
+
+
+def test_arrow_system_refuses_experts_that_share_a_token():
+    pieces = [Piece(torch.ones(2, 1), torch.tensor([0, 1])), Piece(torch.ones(1, 1), torch.tensor([1]))]
+    with pytest.raises(ValueError, match="top-1"):
+        accumulate_normal_equations(
+            ArrowGram([1, 1], "cpu", shared=False),
+            torch.zeros(2, 1, dtype=torch.float64),
+            pieces,
+            [0, 1],
+            torch.ones(2, 1),
+        )
 
 
 def test_solve_recovers_exact_weights_and_large_ridge_keeps_the_initial_ones():
@@ -57,6 +98,8 @@ def _random_block(spec: dict) -> CMoEBlock:
     [
         {"num_experts": 6, "top_k": 2, "shared_size": 8, "expert_size": 4},
         {"num_experts": 6, "top_k": 0, "shared_size": 8, "expert_size": 4},
+        {"num_experts": 6, "top_k": 1, "shared_size": 8, "expert_size": 4},
+        {"num_experts": 4, "top_k": 1, "shared_size": 0, "expert_size": 5, "gating": "softmax-renorm"},
         {"num_experts": 4, "top_k": 3, "shared_size": 0, "expert_size": 5},
         {"num_experts": 6, "top_k": 2, "shared_size": 8, "expert_size": 4, "gating": "softmax-renorm"},
         {"num_experts": 6, "top_k": 3, "shared_size": 0, "expert_size": 4, "gating": "sigmoid-renorm"},
@@ -64,10 +107,10 @@ def _random_block(spec: dict) -> CMoEBlock:
 )
 def test_pieces_reproduce_the_block_and_the_refit_recovers_other_down_weights(spec):
     block = _random_block(spec)
-    x = torch.randn(60, 10)
+    x = torch.randn(160, 10)
     pieces = routed_pieces(block, x)
     downs = down_projections(block)
-    stacked = torch.zeros(60, sum(down.weight.shape[1] for down in downs))
+    stacked = torch.zeros(160, sum(down.weight.shape[1] for down in downs))
     offset = 0
     for piece, down in zip(pieces, downs):
         stacked[piece.rows, offset : offset + piece.features.shape[1]] = piece.features
@@ -76,7 +119,7 @@ def test_pieces_reproduce_the_block_and_the_refit_recovers_other_down_weights(sp
         assert torch.allclose(block(x), stacked @ torch.cat([down.weight for down in downs], dim=1).T, atol=1e-4)
         truth = [torch.randn_like(down.weight) for down in downs]
         target = stacked @ torch.cat(truth, dim=1).T
-        refitted = refit_down_projections(block, [x[:25], x[25:]], [target[:25], target[25:]], ridge=1e-10)
+        refitted = refit_down_projections(block, [x[:70], x[70:]], [target[:70], target[70:]], ridge=1e-10)
         assert torch.allclose(torch.cat(refitted), block(x), atol=1e-4)
         used = [bool(len(piece.rows)) for piece in pieces]
         for down, true, active in zip(downs, truth, used):

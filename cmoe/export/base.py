@@ -1,5 +1,5 @@
-"""The export-format registry and what every format shares: the checks, the attention and embedding
-tensors, and the layer-by-layer sharded writer.
+"""The export-format registry and what every format shares: the view of a carve, the checks (the model's
+before any layer is written, each layer's as it is written), the attention and expert tensors.
 
 A format turns a carved model into a standard MoE checkpoint that transformers, vLLM, SGLang and
 llama.cpp load natively (no `auto_map`, no custom code). Exact means: the exported model computes the
@@ -7,14 +7,12 @@ carved one's logits (tests compare them in a process where cmoe cannot be import
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 from cmoe.errors import CmoeError
-from cmoe.io.shards import ShardWriter
 from cmoe.modeling.configuration_cmoe import MoELayerSpec
 from cmoe.modeling.modeling_cmoe import CMoEBlock, LinearGateRouter
 from cmoe.registry import Registry
@@ -44,22 +42,33 @@ EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format", "--format")
 
 @dataclass
 class CarvedView:
-    """A carved model as the exporters read it: its text config, its one MoE spec, its layers."""
+    """A carved model as the exporters read it: its text config, one MoE spec per layer, its decoder layers
+    and top modules. The layers may be read one at a time (only the one being written need hold weights),
+    and the specs may be known before any block is built (a `--format` carve plans them up front)."""
 
-    model: nn.Module
     fmt: str
+    text_config: object
+    specs: list[MoELayerSpec | None]
+    layers: nn.ModuleList
+    embed_tokens: nn.Module
+    norm: nn.Module
+    lm_head: nn.Module
 
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    @property
-    def specs(self) -> list[MoELayerSpec | None]:
-        return self.model.config.layer_specs
+    @classmethod
+    def of(cls, model: nn.Module, fmt: str, config=None) -> "CarvedView":
+        """The view of a carved `model` (or of a LLaMA-style model being carved, with the carved `config`
+        it will have: its modules are the ones the carve replaces MLP by MLP)."""
+        config = config or model.config
+        decoder = model.model
+        return cls(
+            fmt,
+            config.text_config,
+            config.layer_specs,
+            decoder.layers,
+            decoder.embed_tokens,
+            decoder.norm,
+            model.lm_head,
+        )
 
     @property
     def spec(self) -> MoELayerSpec:
@@ -74,7 +83,16 @@ class CarvedView:
 
 
 def check_exportable(view: CarvedView, fmt: ExportFormat) -> None:
-    """Every reason, in one line with the option that fixes it, why `fmt` cannot hold the carve exactly."""
+    """Every reason, in one line with the option that fixes it, why `fmt` cannot hold a carve whose every
+    layer is in memory."""
+    check_model_exportable(view, fmt)
+    for index in range(len(view.layers)):
+        check_layer_exportable(view, fmt, index)
+
+
+def check_model_exportable(view: CarvedView, fmt: ExportFormat) -> None:
+    """The reasons `fmt` cannot hold the carve that its config and specs give (no weight read): run before
+    any layer is written, so a refusal costs nothing."""
     text = view.text_config
     if getattr(text, "attention_bias", False) or getattr(text, "mlp_bias", False):
         view.refuse("the dense model has attention or MLP biases", "export a model without them")
@@ -97,27 +115,32 @@ def check_exportable(view: CarvedView, fmt: ExportFormat) -> None:
         view.refuse("its dense layers are not all at the start", "carve every layer after the first dense ones")
     if spec.shared_size and not fmt.shared_block:
         view.refuse(f"it has a shared block of {spec.shared_size} neurons", "carve with S0 (no shared experts)")
-    for index, layer in enumerate(view.layers):
-        block = layer.mlp
-        if not isinstance(block, CMoEBlock):
-            continue
-        router = block.router
-        if not isinstance(router, LinearGateRouter):
-            view.refuse(
-                f"its router is {spec.router}, which the format's linear gate cannot compute",
-                "carve with --router linear-gate",
-            )
-        if bool(router.bias.any()) and not (fmt.selection_bias and spec.gating == fmt.gating):
-            view.refuse(f"layer {index} has a balancing bias the format lacks", "fine-tune with --bias-speed 0")
-        same_rule = spec.gating == fmt.gating
-        if not same_rule and not (spec.top_k == 1 and not bool(router.bias.any())):
-            view.refuse(
-                f"its experts are weighted by the {spec.gating} rule at k={spec.top_k}",
-                f"carve with --gating {fmt.gating}",
-            )
-        if spec.gating == "cmoe" and bool(router.scale.any()):
-            view.refuse(f"layer {index}'s trained scale u has no place in the format", "fine-tune with --freeze-router")
     fmt.extra_check(view)
+
+
+def check_layer_exportable(view: CarvedView, fmt: ExportFormat, index: int) -> None:
+    """The reasons `fmt` cannot hold layer `index` as its weights are (router type, balancing bias, trained
+    scale): run on each layer just before it is written."""
+    block = view.layers[index].mlp
+    if not isinstance(block, CMoEBlock):
+        return
+    spec = view.spec
+    router = block.router
+    if not isinstance(router, LinearGateRouter):
+        view.refuse(
+            f"its router is {spec.router}, which the format's linear gate cannot compute",
+            "carve with --router linear-gate",
+        )
+    if bool(router.bias.any()) and not (fmt.selection_bias and spec.gating == fmt.gating):
+        view.refuse(f"layer {index} has a balancing bias the format lacks", "fine-tune with --bias-speed 0")
+    same_rule = spec.gating == fmt.gating
+    if not same_rule and not (spec.top_k == 1 and not bool(router.bias.any())):
+        view.refuse(
+            f"its experts are weighted by the {spec.gating} rule at k={spec.top_k}",
+            f"carve with --gating {fmt.gating}",
+        )
+    if spec.gating == "cmoe" and bool(router.scale.any()):
+        view.refuse(f"layer {index}'s trained scale u has no place in the format", "fine-tune with --freeze-router")
 
 
 def require_whole_shared_experts(view: CarvedView) -> None:
@@ -196,25 +219,3 @@ def common_config(view: CarvedView) -> dict:
     values["rope_parameters"] = dict(text.rope_parameters) if getattr(text, "rope_parameters", None) else None
     values["tie_word_embeddings"] = bool(text.tie_word_embeddings)
     return values
-
-
-def write_sharded(
-    directory: Path, view: CarvedView, fmt: ExportFormat, dtype: torch.dtype | None, on_layer=None
-) -> dict[str, str]:
-    """One safetensors shard per decoder layer (written as soon as it is mapped) plus one for the
-    embeddings, final norm and LM head, and the index that maps every tensor to its shard."""
-    layers = len(view.layers)
-    writer = ShardWriter(directory, layers + 1, dtype)
-    for index in range(layers):
-        writer.write(index + 1, fmt.layer(view, index))
-        if on_layer:
-            on_layer(index + 1, layers)
-    top = {
-        "model.embed_tokens.weight": view.model.model.embed_tokens.weight,
-        "model.norm.weight": view.model.model.norm.weight,
-    }
-    if not view.text_config.tie_word_embeddings or fmt.untied_head:
-        top["lm_head.weight"] = view.model.lm_head.weight
-    writer.write(layers + 1, top)
-    writer.finish()
-    return writer.weight_map

@@ -18,6 +18,7 @@ from cmoe.checks import (
     check_dtype_name,
     check_integer,
     check_number,
+    check_positive,
     flag,
     given,
     portable_location,
@@ -140,8 +141,7 @@ class FinetuneOptions:
             check_number(name, getattr(self, name))
             object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("lr", "router_lr", "distill_temperature"):
-            if not getattr(self, name) > 0:
-                raise CmoeError(f"{flag(name)} {getattr(self, name)}: must be positive")
+            check_positive(name, getattr(self, name))
         for name in ("bias_speed", "balance_coef"):
             if getattr(self, name) < 0:
                 raise CmoeError(f"{flag(name)} {getattr(self, name)}: must not be negative")

@@ -27,15 +27,87 @@ class Piece:
     rows: torch.Tensor
 
 
-def accumulate_normal_equations(
-    gram: torch.Tensor, cross: torch.Tensor, pieces: list[Piece], offsets: list[int], target: torch.Tensor
-) -> None:
-    """Add one batch to `gram` += sum_t z_t z_t^T (upper block triangle only) and `cross` += sum_t z_t y_t^T
-    (products in fp32 within the batch, sums over batches in the float64 `gram` and `cross`).
+class DenseGram:
+    """sum_t z_t z_t^T as one (F, F) float64 matrix (upper block triangle filled): any routing."""
 
-    z_t is zero outside the pieces present on token t; piece i occupies columns offsets[i]:offsets[i] + size.
-    `target` (T, d) holds the dense outputs y_t of the batch's T tokens. solve_down_projection reads the
-    upper triangle only.
+    def __init__(self, sizes: list[int], device: torch.device | str):
+        self.offsets = [sum(sizes[:index]) for index in range(len(sizes))]
+        self.sizes = sizes
+        self.matrix = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64, device=device)
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        return self.matrix[self._span(i), self._span(j)]
+
+    def _span(self, index: int) -> slice:
+        return slice(self.offsets[index], self.offsets[index] + self.sizes[index])
+
+    def solve(self, cross: torch.Tensor, initial: torch.Tensor, ridge: float) -> torch.Tensor:
+        return solve_down_projection(self.matrix, cross, initial, ridge)
+
+
+class ArrowGram:
+    """sum_t z_t z_t^T when no two routed experts share a token (top-1 routing): the shared block's own
+    block A (s, s), its blocks with each expert B_e (s, m_e), and each expert's own D_e (m_e, m_e); the
+    expert-expert blocks are zero and never stored. At 70B's width (S1A1E8) that is 1.5 GiB where the
+    whole (F, F) system is 6.1 GiB; the solution is the same (a Schur-complement solve)."""
+
+    def __init__(self, sizes: list[int], device: torch.device | str, shared: bool):
+        self.sizes = sizes
+        self.shared = shared
+        self.diagonal = [torch.zeros(size, size, dtype=torch.float64, device=device) for size in sizes]
+        head = sizes[0] if shared else 0
+        self.border = [torch.zeros(head, size, dtype=torch.float64, device=device) for size in sizes]
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        if i == j:
+            return self.diagonal[i]
+        if self.shared and i == 0:
+            return self.border[j]
+        raise ValueError(f"pieces {i} and {j} share a token: the arrow system holds top-1 routing only")
+
+    def solve(self, cross: torch.Tensor, initial: torch.Tensor, ridge: float) -> torch.Tensor:
+        """The solve_down_projection of the whole system: each expert's block factorised alone, the shared
+        block's unknowns from the Schur complement A - sum_e B_e D_e^-1 B_e^T, then each expert's."""
+        traces = sum(float(block.diagonal().sum()) for block in self.diagonal)
+        penalty = ridge * max(traces / sum(self.sizes), 1e-30)
+        rhs = (cross.double() + penalty * initial.double().T).split(self.sizes)
+        experts = range(1 if self.shared else 0, len(self.sizes))
+        factors = {index: _factorised(self.diagonal[index], penalty) for index in experts}
+        partial = {index: torch.cholesky_solve(rhs[index], factors[index]) for index in experts}
+        parts = [None] * len(self.sizes)
+        if self.shared:
+            schur, reduced = self.diagonal[0], rhs[0].clone()
+            for index in experts:
+                border = self.border[index]
+                schur.sub_(border @ torch.cholesky_solve(border.T, factors[index]))
+                reduced -= border @ partial[index]
+            parts[0] = torch.cholesky_solve(reduced, _factorised(schur, penalty))
+            for index in experts:
+                correction = torch.cholesky_solve(self.border[index].T @ parts[0], factors[index])
+                partial[index] -= correction
+        for index in experts:
+            parts[index] = partial[index]
+        return torch.cat(parts).T
+
+
+def _factorised(block: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The lower Cholesky factor of `block` + penalty I, computed in place from its upper triangle."""
+    block.diagonal().add_(penalty)
+    lower = block.T
+    info = torch.empty(0, dtype=torch.int32, device=block.device)
+    factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
+    if int(info):
+        raise ValueError(f"the refit's ridge system is not positive definite (minor {int(info)})")
+    return factor
+
+
+def accumulate_normal_equations(gram, cross: torch.Tensor, pieces: list[Piece], offsets: list[int], target) -> None:
+    """Add one batch to the gram += sum_t z_t z_t^T (upper block triangle only, through `gram.block(i, j)`)
+    and `cross` += sum_t z_t y_t^T (products in fp32 within the batch, sums over batches in float64).
+
+    z_t is zero outside the pieces present on token t; piece i occupies rows offsets[i]:offsets[i] + size
+    of `cross`. `target` (T, d) holds the dense outputs y_t of the batch's T tokens. A pair of pieces that
+    shares no token adds nothing (an ArrowGram stores no block for it).
     """
     tokens = target.shape[0]
     positions = []
@@ -49,14 +121,11 @@ def accumulate_normal_equations(
         cross[start_i:end_i] += (left.features.T @ target[left.rows]).double()
         for j in range(i, len(pieces)):
             right = pieces[j]
-            start_j = offsets[j]
-            end_j = start_j + right.features.shape[1]
             partner = positions[j][left.rows]
             common = partner >= 0
             if not bool(common.any()):
                 continue
-            product = left.features[common].T @ right.features[partner[common]]
-            gram[start_i:end_i, start_j:end_j] += product.double()
+            gram.block(i, j).add_((left.features[common].T @ right.features[partner[common]]).double())
 
 
 def solve_down_projection(
@@ -70,13 +139,7 @@ def solve_down_projection(
     (d, F). Pulling towards W0 rather than zero keeps neurons that the calibration tokens rarely route
     to as they were. Returns W (d, F) in float64.
     """
-    penalty = ridge * gram.diagonal().mean().clamp_min(1e-30)
-    gram.diagonal().add_(penalty)
-    # The transposed view's lower triangle is gram's upper one, all that the factorisation reads.
-    lower = gram.T
-    info = torch.empty(0, dtype=torch.int32, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(lower, out=(lower, info))
-    if int(info):
-        raise ValueError(f"the refit's ridge system is not positive definite (minor {int(info)})")
+    penalty = float(ridge * gram.diagonal().mean().clamp_min(1e-30))
+    factor = _factorised(gram, penalty)
     solution = torch.cholesky_solve(cross.double() + penalty * initial.double().T, factor)
     return solution.T

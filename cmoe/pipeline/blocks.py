@@ -5,7 +5,7 @@ from torch import nn
 
 from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.numerics.grouping import Partition
-from cmoe.numerics.refit import Piece, accumulate_normal_equations, solve_down_projection
+from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations
 from cmoe.numerics.statistics import ActivationStats
 from cmoe.routers import ROUTERS
 from cmoe.shape import MoELayerSpec
@@ -90,7 +90,11 @@ def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge:
     sizes = [down.weight.shape[1] for down in downs]
     offsets = [sum(sizes[:index]) for index in range(len(sizes))]
     hidden_size = weight.shape[0]
-    gram = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64, device=weight.device)
+    # Under top-1 routing no two experts share a token: only the shared block couples them (arrow system).
+    if block.top_k <= 1:
+        gram = ArrowGram(sizes, weight.device, shared=block.shared is not None)
+    else:
+        gram = DenseGram(sizes, weight.device)
     cross = torch.zeros(sum(sizes), hidden_size, dtype=torch.float64, device=weight.device)
     kept = []
     for x, y in zip(inputs, outputs):
@@ -101,7 +105,8 @@ def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge:
         )
         kept.append([Piece(piece.features.cpu(), piece.rows.cpu()) for piece in pieces])
     initial = torch.cat([down.weight for down in downs], dim=1)
-    fitted = solve_down_projection(gram, cross, initial, ridge)
+    fitted = gram.solve(cross, initial, ridge)
+    gram = None  # the factorised system goes before the outputs are computed
     for down, part in zip(downs, fitted.split(sizes, dim=1)):
         down.weight.copy_(part.to(weight.dtype))
     transposed = [down.weight.float().cpu().T for down in downs]

@@ -99,6 +99,10 @@ class Stage:
     def close(self, pipeline: "Pipeline") -> None:
         """Always, success or failure: release hooks and the like."""
 
+    def report(self) -> dict:
+        """What the stage measured that belongs in the artifact's record (e.g. per-layer errors)."""
+        return {}
+
 
 def check_stages(stages: Iterable[Stage], has_calibration: bool) -> None:
     """Refuse, in the stage's own line, a stage that needs calibration data when there is none."""

@@ -21,9 +21,10 @@ from cmoe.modeling.configuration_cmoe import CMoEConfig
 from cmoe.modeling.modeling_cmoe import CMoEBlock, CMoEForCausalLM
 from cmoe.numerics.budget import allocate_active_experts, selection_errors
 from cmoe.numerics.grouping import check_partition, layer_seed
-from cmoe.numerics.refit import REFIT_RIDGE
+from cmoe.numerics.reconstruction import token_weights
 from cmoe.pipeline.blocks import build_block, refit_down_projections, scale_routed_outputs
 from cmoe.pipeline.gradients import gradient_importance
+from cmoe.pipeline.reconstruct import reconstruct_block
 from cmoe.pipeline.runner import decoder_of
 from cmoe.pipeline.sequential import CALIBRATION, MLP_IO, LayerWork, Pipeline, Stage, StatisticsRequest
 from cmoe.registry import Registry
@@ -187,11 +188,63 @@ class Refit(Stage):
         "drop --profile or pass --no-refit-down"
     )
 
+    def __init__(self, ridge: float):
+        self.ridge = ridge
+
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         with pipeline.timer.stage(self.name):
             work.block_outputs = refit_down_projections(
-                work.block.to(pipeline.device), work.inputs, work.outputs, REFIT_RIDGE
+                work.block.to(pipeline.device), work.inputs, work.outputs, self.ridge
             )
+
+
+class Reconstruct(Stage):
+    """Train the layer's block for a few steps towards the dense FFN's outputs on its calibration inputs
+    (see cmoe.pipeline.reconstruct); each layer's relative output error before and after goes to the
+    carve's record."""
+
+    name = "reconstruct"
+    needs = frozenset({CALIBRATION, MLP_IO})
+    refusal = "--reconstruct-steps fits each carved layer on calibration data: drop --profile or pass 0"
+
+    def __init__(self, options: CarveOptions):
+        self.options = options
+        self.errors: list[dict] = []
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        options = self.options
+        with pipeline.timer.stage(self.name):
+            hidden = work.inputs[0].shape[-1]
+            inputs = torch.cat([x.reshape(-1, hidden) for x in work.inputs]).float()
+            targets = torch.cat([y.reshape(-1, hidden) for y in work.outputs]).float()
+            energy = torch.cat(
+                [batch.hidden.reshape(-1, hidden).float().square().sum(dim=1) for batch in pipeline.runner.batches]
+            )
+            weights = token_weights(options.reconstruct_weighting, energy)
+            before, after, outputs = reconstruct_block(
+                work.block,
+                inputs,
+                targets,
+                weights,
+                options.reconstruct_parts,
+                options.reconstruct_steps,
+                options.reconstruct_lr,
+                options.reconstruct_tokens,
+                layer_seed(options.seed, work.index),
+                pipeline.device,
+            )
+        pieces = outputs.split([x.shape[:-1].numel() for x in work.inputs])
+        work.block_outputs = [piece.view(x.shape) for piece, x in zip(pieces, work.inputs)]
+        self.errors.append({"layer": work.index, "before": round(before, 6), "after": round(after, 6)})
+
+    def state(self) -> list[dict]:
+        return self.errors
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        self.errors = list(state)
+
+    def report(self) -> dict:
+        return {"reconstruction_error": self.errors}
 
 
 SELECTION_SAMPLE_TOKENS = 2048
@@ -345,7 +398,9 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
     if options.flat_gate:
         stages.append(FlattenGate(options.shape.active))
     if options.refit_down:
-        stages.append(Refit())
+        stages.append(Refit(options.refit_ridge))
+    if options.reconstruct_steps:
+        stages.append(Reconstruct(options))
     return stages + BUDGETS.get(options.budget)(options)
 
 
