@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench_ablation import carve, perplexity
+from bench_ablation import RECONSTRUCTION_50_STEPS, carve, perplexity
 from common import dense_smollm2, machine, read_log, wiki_valid_tokens, write_section
 
 CANDIDATES: dict[str, dict] = {
@@ -46,9 +46,7 @@ CANDIDATES: dict[str, dict] = {
     "quality + ridge 0.3 + reconstruction 50 steps": {
         "preset": "quality",
         "refit_ridge": 0.3,
-        "reconstruct_steps": 50,
-        "reconstruct_lr": 3e-4,
-        "reconstruct_parts": "experts",
+        **RECONSTRUCTION_50_STEPS,
     },
 }
 # Held-out windows overlap none of the largest calibration draw a candidate uses (a smaller draw of the same
