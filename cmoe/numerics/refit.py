@@ -56,7 +56,11 @@ class ArrowGram:
         self.shared = shared
         self.diagonal = [torch.zeros(size, size, dtype=torch.float64, device=device) for size in sizes]
         head = sizes[0] if shared else 0
-        self.border = [torch.zeros(head, size, dtype=torch.float64, device=device) for size in sizes]
+        # border[e] = B_e; the shared block has none with itself (its own block is diagonal[0]).
+        self.border = [
+            torch.zeros(head if index else 0, size, dtype=torch.float64, device=device)
+            for index, size in enumerate(sizes)
+        ]
 
     def block(self, i: int, j: int) -> torch.Tensor:
         if i == j:
