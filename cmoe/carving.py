@@ -322,7 +322,7 @@ def planned_view(dense: torch.nn.Module, options: CarveOptions, fmt: str) -> Car
     for every layer (its options are checked for a uniform budget), so the config the carved model will
     have is known up front, and each layer is exported as soon as the pipeline makes it final."""
     text_config = dense.config
-    spec = options.shape.layer_spec(text_config.intermediate_size, options.router, options.gating)
+    spec = options.layer_spec(text_config.intermediate_size)
     config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=[spec] * text_config.num_hidden_layers)
     return CarvedView.of(dense, fmt, config)
 

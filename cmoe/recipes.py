@@ -145,6 +145,10 @@ class CarveOptions:
         self.shape.validated(intermediate_size)
         check_ka(self.ka, intermediate_size)
 
+    def layer_spec(self, intermediate_size: int):
+        """The MoE layer spec these options carve an FFN of `intermediate_size` neurons into."""
+        return self.shape.layer_spec(intermediate_size, self.router, self.gating)
+
     def needed_statistics(self) -> tuple[str, ...]:
         """The optional streaming statistics (see ActivationStats) these options read."""
         wanted = METHODS.get(self.method).statistics(self) + ROUTERS.get(self.router).needs

@@ -24,7 +24,7 @@ def sharing_inter_partition(
 
 
 def _build(evidence: LayerEvidence, options) -> Partition:
-    spec = options.shape.layer_spec(evidence.stats.num_neurons, options.router, options.gating)
+    spec = options.layer_spec(evidence.stats.num_neurons)
     return sharing_inter_partition(evidence.stats, evidence.importance, spec.expert_size, spec.shared_size)
 
 

@@ -136,7 +136,7 @@ class BuildBlock(Stage):
     def restore(self, pipeline: Pipeline, state, done: int) -> None:
         """The layers a resumed carve skips were written already: they keep only their block's shape."""
         config = pipeline.model.config
-        spec = self.options.shape.layer_spec(config.intermediate_size, self.options.router, self.options.gating)
+        spec = self.options.layer_spec(config.intermediate_size)
         for layer in list(pipeline.layers)[:done]:
             with torch.device("meta"):
                 layer.mlp = CMoEBlock(config.hidden_size, config.hidden_act, spec)
@@ -377,7 +377,7 @@ def carve_block(
     method = METHODS.get(options.method)
     partition = method(stats, options, dense=dense, importance=importance, layer=layer)
     check_partition(partition, stats.num_neurons, method.overlapping)
-    spec = options.shape.layer_spec(dense.gate_proj.weight.shape[0], options.router, options.gating)
+    spec = options.layer_spec(dense.gate_proj.weight.shape[0])
     return build_block(dense, partition, spec, hidden_act, stats, seed=layer_seed(options.seed, layer))
 
 
@@ -407,7 +407,7 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
 def as_carved_model(dense_model: nn.Module, options: CarveOptions) -> CMoEForCausalLM:
     """Wrap the dense model's modules (MLPs already replaced) in the carved architecture, sharing weights."""
     text_config = dense_model.config
-    spec = options.shape.layer_spec(text_config.intermediate_size, options.router, options.gating)
+    spec = options.layer_spec(text_config.intermediate_size)
     specs = [replace(spec, top_k=layer.mlp.top_k) for layer in decoder_of(dense_model).layers]
     config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=specs)
     with torch.device("meta"):
