@@ -44,6 +44,20 @@ VARIANTS: dict[str, dict] = {
         "refit_ridge": 0.3,
         **RECONSTRUCTION_50_STEPS,
     },
+    "--preset quality --refit-ridge 0.1 --refit-ridge-scale feature": {
+        "preset": "quality",
+        "refit_ridge": 0.1,
+        "refit_ridge_scale": "feature",
+    },
+    "--preset quality --nsamples 32": {"preset": "quality", "nsamples": 32},
+    **{
+        f"--preset quality --reconstruct-steps {steps}": {
+            "preset": "quality",
+            **RECONSTRUCTION_50_STEPS,
+            "reconstruct_steps": steps,
+        }
+        for steps in (25, 50, 100)
+    },
 }
 CARVE_STAGES = ("capture", "profile", "group", "refit", "reconstruct", "budget", "propagate")
 
@@ -86,6 +100,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-ablation.jsonl")
+    parser.add_argument("--section", default="Carving options (bench_ablation.py)", help="RESULTS.md section written")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -153,7 +168,7 @@ def main() -> None:
         for i, (shape, name) in enumerate((s, n) for s in ("S3A3E8", "S2A2E8", "S1A1E8") for n in VARIANTS)
     }
     rows.sort(key=lambda row: order.get((row["config"], row["variant"]), len(order)))
-    write_section("Carving options (bench_ablation.py)", report(dense_row, rows, args, config, evaluations))
+    write_section(args.section, report(dense_row, rows, args, config, evaluations))
 
 
 def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
@@ -177,7 +192,9 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "reconstruct + budget + propagate, over one dense forward pass over the same calibration tokens (a variant "
         "with --nsamples 32 against 32 windows' forward: the measured pass per window times 32). "
         "`--router linear --budget adaptive` was `--preset quality` "
-        "before `--refit-down` existed.",
+        "before `--refit-down` existed. Every --reconstruct-steps row also passes "
+        f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g} "
+        f"--reconstruct-parts {RECONSTRUCTION_50_STEPS['reconstruct_parts']}.",
         "",
         f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | "
         "carve / dense forward |",

@@ -43,6 +43,9 @@ CANDIDATES: dict[str, dict] = {
     "quality + ridge 0.3": {"preset": "quality", "refit_ridge": 0.3},
     "quality + ridge 1": {"preset": "quality", "refit_ridge": 1.0},
     "quality + ridge 0.3 + 32 windows": {"preset": "quality", "refit_ridge": 0.3, "nsamples": 32},
+    "quality + feature ridge 0.1": {"preset": "quality", "refit_ridge": 0.1, "refit_ridge_scale": "feature"},
+    "quality + feature ridge 0.3": {"preset": "quality", "refit_ridge": 0.3, "refit_ridge_scale": "feature"},
+    "quality + 32 windows": {"preset": "quality", "nsamples": 32},
     "quality + ridge 0.3 + reconstruction 50 steps": {
         "preset": "quality",
         "refit_ridge": 0.3,

@@ -31,6 +31,7 @@ from cmoe.io.push import push_artifact
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.numerics.reconstruction import TOKEN_WEIGHTINGS
+from cmoe.numerics.refit import RIDGE_SCALES
 from cmoe.pipeline.reconstruct import RECONSTRUCTED_PARTS
 from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
@@ -372,6 +373,13 @@ def carve(
             "(default 0.01).",
         ),
     ] = None,
+    refit_ridge_scale: Annotated[
+        Optional[str],
+        typer.Option(
+            "--refit-ridge-scale",
+            help=_choices(RIDGE_SCALES, "Which feature energy --refit-ridge multiplies (default mean)."),
+        ),
+    ] = None,
     reconstruct_steps: Annotated[
         Optional[int],
         typer.Option(
@@ -473,6 +481,7 @@ def carve(
         "budget": budget,
         "refit_down": refit_down,
         "refit_ridge": refit_ridge,
+        "refit_ridge_scale": refit_ridge_scale,
         "propagate": propagate,
         "gating": gating,
         "flat_gate": flat_gate,

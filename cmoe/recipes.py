@@ -25,7 +25,7 @@ from cmoe.io.recipe_file import read_recipe
 from cmoe.methods import GROUPINGS, METHODS, REPRESENTATIVES, SHARED_BY
 from cmoe.numerics.statistics import MARK_STATISTICS
 from cmoe.numerics.reconstruction import TOKEN_WEIGHTINGS
-from cmoe.numerics.refit import REFIT_RIDGE
+from cmoe.numerics.refit import REFIT_RIDGE, RIDGE_SCALES
 from cmoe.pipeline.reconstruct import RECONSTRUCTED_PARTS
 from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
@@ -55,6 +55,7 @@ _CHOICES = {
     "gating": GATINGS,
     "reconstruct_parts": RECONSTRUCTED_PARTS,
     "reconstruct_weighting": TOKEN_WEIGHTINGS,
+    "refit_ridge_scale": RIDGE_SCALES,
 }
 
 
@@ -74,6 +75,7 @@ class CarveOptions:
     budget: str = "uniform"
     refit_down: bool = False
     refit_ridge: float = REFIT_RIDGE
+    refit_ridge_scale: str = "mean"
     preset: str = "reference"
     seed: int = 0
     rescale: bool = False

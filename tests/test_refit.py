@@ -46,8 +46,9 @@ def _top1_pieces(tokens: int, sizes: list[int], shared: bool, seed: int = 0) -> 
     return pieces
 
 
+@pytest.mark.parametrize("scale", ["mean", "feature"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_arrow_system_solves_top1_routing_as_the_whole_system_does(shared):
+def test_arrow_system_solves_top1_routing_as_the_whole_system_does(shared, scale):
     sizes = [5, 3, 4, 3] if shared else [3, 4, 3]
     pieces = _top1_pieces(80, sizes, shared)
     offsets = [sum(sizes[:index]) for index in range(len(sizes))]
@@ -57,7 +58,7 @@ def test_arrow_system_solves_top1_routing_as_the_whole_system_does(shared):
     for gram in (DenseGram(sizes, "cpu"), ArrowGram(sizes, "cpu", shared)):
         cross = torch.zeros(sum(sizes), 6, dtype=torch.float64)
         accumulate_normal_equations(gram, cross, pieces, offsets, target)
-        solutions.append(gram.solve(cross, initial, ridge=0.3))
+        solutions.append(gram.solve(cross, initial, ridge=0.3, scale=scale))
     assert torch.allclose(solutions[0], solutions[1], rtol=1e-9, atol=1e-12)
 
 
@@ -82,6 +83,33 @@ def test_solve_recovers_exact_weights_and_large_ridge_keeps_the_initial_ones():
     garbage_below = gram + torch.randn(6, 6, dtype=torch.float64).tril(-1) * 1e3
     expected = solve_down_projection(gram.clone(), cross, initial)
     assert torch.equal(solve_down_projection(garbage_below, cross, initial), expected), "only the upper triangle"
+
+
+def test_feature_ridge_is_the_closed_form_with_each_feature_pulled_by_its_own_energy():
+    torch.manual_seed(2)
+    z, y, initial = torch.randn(50, 5).double(), torch.randn(50, 3).double(), torch.randn(3, 5).double()
+    z[:, 1] *= 0.01  # a rarely active feature
+    gram = z.T @ z
+    penalty = torch.diag(0.5 * gram.diagonal())
+    expected = torch.linalg.solve(gram + penalty, z.T @ y + penalty @ initial.T).T
+    solved = solve_down_projection(gram.triu(), z.T @ y, initial, ridge=0.5, scale="feature")
+    assert torch.allclose(solved, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_feature_ridge_does_not_depend_on_a_features_scale_and_the_mean_ridge_does():
+    """Scaling feature i by c (its initial weight by 1/c) scales its fitted weight by 1/c and leaves the
+    fit unchanged under the per-feature ridge; under the mean ridge the rescaled feature is pulled harder."""
+    torch.manual_seed(3)
+    z, y, initial = torch.randn(60, 4).double(), torch.randn(60, 2).double(), torch.randn(2, 4).double()
+    c = torch.tensor([1.0, 0.05, 1.0, 1.0], dtype=torch.float64)
+    fits = {}
+    for scale in ("mean", "feature"):
+        plain = solve_down_projection((z.T @ z).triu(), z.T @ y, initial, ridge=0.3, scale=scale)
+        zc = z * c
+        scaled = solve_down_projection((zc.T @ zc).triu(), zc.T @ y, initial / c, ridge=0.3, scale=scale)
+        fits[scale] = (plain, scaled * c)
+    assert torch.allclose(*fits["feature"], rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(*fits["mean"], rtol=1e-3, atol=1e-6)
 
 
 def _random_block(spec: dict) -> CMoEBlock:

@@ -13,10 +13,30 @@ each present on some tokens), so the cost per token is (active neurons)^2, not d
 """
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from cmoe.registry import Registry
+
 REFIT_RIDGE = 1e-2
+
+RIDGE_SCALES: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("ridge scale", "--refit-ridge-scale")
+RIDGE_SCALES.register(
+    "mean",
+    "every feature pulled by ridge x the mean feature energy",
+    lambda energies: energies.mean().expand_as(energies),
+)
+RIDGE_SCALES.register(
+    "feature",
+    "each feature pulled by ridge x its own energy: an expert routed on few tokens is pulled in proportion",
+    lambda energies: energies.clamp_min(1e-6 * float(energies.mean())),
+)
+
+
+def ridge_penalties(energies: torch.Tensor, ridge: float, scale: str = "mean") -> torch.Tensor:
+    """(F,) penalties lambda_i of the refit's features from their energies sum_t z_ti^2 (the Gram diagonal)."""
+    return (ridge * RIDGE_SCALES.get(scale)(energies.double())).clamp_min(1e-30)
 
 
 @dataclass
@@ -41,8 +61,8 @@ class DenseGram:
     def _span(self, index: int) -> slice:
         return slice(self.offsets[index], self.offsets[index] + self.sizes[index])
 
-    def solve(self, cross: torch.Tensor, initial: torch.Tensor, ridge: float) -> torch.Tensor:
-        return solve_down_projection(self.matrix, cross, initial, ridge)
+    def solve(self, cross: torch.Tensor, initial: torch.Tensor, ridge: float, scale: str = "mean") -> torch.Tensor:
+        return solve_down_projection(self.matrix, cross, initial, ridge, scale)
 
 
 class ArrowGram:
@@ -69,14 +89,14 @@ class ArrowGram:
             return self.border[j]
         raise ValueError(f"pieces {i} and {j} share a token: the arrow system holds top-1 routing only")
 
-    def solve(self, cross: torch.Tensor, initial: torch.Tensor, ridge: float) -> torch.Tensor:
+    def solve(self, cross: torch.Tensor, initial: torch.Tensor, ridge: float, scale: str = "mean") -> torch.Tensor:
         """The solve_down_projection of the whole system: each expert's block factorised alone, the shared
         block's unknowns from the Schur complement A - sum_e B_e D_e^-1 B_e^T, then each expert's."""
-        traces = sum(float(block.diagonal().sum()) for block in self.diagonal)
-        penalty = ridge * max(traces / sum(self.sizes), 1e-30)
-        rhs = (cross.double() + penalty * initial.double().T).split(self.sizes)
+        penalties = ridge_penalties(torch.cat([block.diagonal() for block in self.diagonal]), ridge, scale)
+        rhs = (cross.double() + penalties[:, None] * initial.double().T).split(self.sizes)
+        penalty = penalties.split(self.sizes)
         experts = range(1 if self.shared else 0, len(self.sizes))
-        factors = {index: _factorised(self.diagonal[index], penalty) for index in experts}
+        factors = {index: _factorised(self.diagonal[index], penalty[index]) for index in experts}
         partial = {index: torch.cholesky_solve(rhs[index], factors[index]) for index in experts}
         parts = [None] * len(self.sizes)
         if self.shared:
@@ -85,7 +105,7 @@ class ArrowGram:
                 border = self.border[index]
                 schur.sub_(border @ torch.cholesky_solve(border.T, factors[index]))
                 reduced -= border @ partial[index]
-            parts[0] = torch.cholesky_solve(reduced, _factorised(schur, penalty))
+            parts[0] = torch.cholesky_solve(reduced, _factorised(schur, penalty[0]))
             for index in experts:
                 correction = torch.cholesky_solve(self.border[index].T @ parts[0], factors[index])
                 partial[index] -= correction
@@ -94,8 +114,8 @@ class ArrowGram:
         return torch.cat(parts).T
 
 
-def _factorised(block: torch.Tensor, penalty: float) -> torch.Tensor:
-    """The lower Cholesky factor of `block` + penalty I, computed in place from its upper triangle."""
+def _factorised(block: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of `block` + diag(penalty), computed in place from its upper triangle."""
     block.diagonal().add_(penalty)
     lower = block.T
     info = torch.empty(0, dtype=torch.int32, device=block.device)
@@ -133,9 +153,10 @@ def accumulate_normal_equations(gram, cross: torch.Tensor, pieces: list[Piece], 
 
 
 def solve_down_projection(
-    gram: torch.Tensor, cross: torch.Tensor, initial: torch.Tensor, ridge: float = REFIT_RIDGE
+    gram: torch.Tensor, cross: torch.Tensor, initial: torch.Tensor, ridge: float = REFIT_RIDGE, scale: str = "mean"
 ) -> torch.Tensor:
-    """argmin_W sum_t |y_t - W z_t|^2 + lambda |W - W0|^2, lambda = ridge * mean(diag(gram)).
+    """argmin_W sum_t |y_t - W z_t|^2 + sum_i lambda_i |w_i - w0_i|^2 over the columns w_i of W, lambda_i =
+    ridge * mean(diag(gram)) (`scale` "mean") or ridge * gram_ii ("feature").
 
     `gram` (F, F) holds sum z z^T in its upper triangle (what accumulate_normal_equations fills; the rest
     is not read) and is overwritten by the Cholesky factor of the ridge system, in place: the fit needs
@@ -143,7 +164,7 @@ def solve_down_projection(
     (d, F). Pulling towards W0 rather than zero keeps neurons that the calibration tokens rarely route
     to as they were. Returns W (d, F) in float64.
     """
-    penalty = float(ridge * gram.diagonal().mean().clamp_min(1e-30))
-    factor = _factorised(gram, penalty)
-    solution = torch.cholesky_solve(cross.double() + penalty * initial.double().T, factor)
+    penalties = ridge_penalties(gram.diagonal(), ridge, scale)
+    factor = _factorised(gram, penalties)
+    solution = torch.cholesky_solve(cross.double() + penalties[:, None] * initial.double().T, factor)
     return solution.T

@@ -78,7 +78,9 @@ def routed_pieces(block: CMoEBlock, x: torch.Tensor) -> list[Piece]:
 
 
 @torch.no_grad()
-def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge: float) -> list[torch.Tensor]:
+def refit_down_projections(
+    block: CMoEBlock, inputs: list, outputs: list, ridge: float, scale: str = "mean"
+) -> list[torch.Tensor]:
     """Replace every down projection of `block` by the least-squares fit (see cmoe.numerics.refit) of the dense
     outputs `outputs` from its inputs `inputs` (lists of batches, any leading shape), routing fixed.
 
@@ -105,7 +107,7 @@ def refit_down_projections(block: CMoEBlock, inputs: list, outputs: list, ridge:
         )
         kept.append([Piece(piece.features.cpu(), piece.rows.cpu()) for piece in pieces])
     initial = torch.cat([down.weight for down in downs], dim=1)
-    fitted = gram.solve(cross, initial, ridge)
+    fitted = gram.solve(cross, initial, ridge, scale)
     gram = None  # the factorised system goes before the outputs are computed
     for down, part in zip(downs, fitted.split(sizes, dim=1)):
         down.weight.copy_(part.to(weight.dtype))

@@ -188,13 +188,14 @@ class Refit(Stage):
         "drop --profile or pass --no-refit-down"
     )
 
-    def __init__(self, ridge: float):
+    def __init__(self, ridge: float, scale: str):
         self.ridge = ridge
+        self.scale = scale
 
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         with pipeline.timer.stage(self.name):
             work.block_outputs = refit_down_projections(
-                work.block.to(pipeline.device), work.inputs, work.outputs, self.ridge
+                work.block.to(pipeline.device), work.inputs, work.outputs, self.ridge, self.scale
             )
 
 
@@ -398,7 +399,7 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
     if options.flat_gate:
         stages.append(FlattenGate(options.shape.active))
     if options.refit_down:
-        stages.append(Refit(options.refit_ridge))
+        stages.append(Refit(options.refit_ridge, options.refit_ridge_scale))
     if options.reconstruct_steps:
         stages.append(Reconstruct(options))
     return stages + BUDGETS.get(options.budget)(options)
