@@ -1,6 +1,7 @@
 """Ablation of the carving options on SmolLM2-135M: the faithful reference, each option alone, the preset.
 
-Calibration: 8 seeded windows of 2,048 tokens of wiki.valid.tokens. The preset's options were chosen by
+Calibration: --nsamples (8) seeded windows of 2,048 tokens of wiki.valid.tokens, or the windows a variant or
+its preset names (`--preset quality`: 32). The preset's options were chosen by
 bench_preset_selection.py on held-out wiki.valid windows, never on the evaluation texts. Evaluation: the first
 --eval-windows windows of 2,048 tokens of wiki.test.raw and every 2,048-token window of the TinyStories validation
 excerpt (a second domain). Everything runs in this process (the dense model is loaded once); carve
@@ -49,7 +50,11 @@ VARIANTS: dict[str, dict] = {
         "refit_ridge": 0.1,
         "refit_ridge_scale": "feature",
     },
+    "--preset quality --nsamples 8": {"preset": "quality", "nsamples": 8},
     "--preset quality --nsamples 32": {"preset": "quality", "nsamples": 32},
+    **{
+        f"--preset quality --refit-drift {drift:g}": {"preset": "quality", "refit_drift": drift} for drift in (0.5, 1.0)
+    },
     **{
         f"--preset quality --reconstruct-steps {steps}": {
             "preset": "quality",
@@ -59,7 +64,7 @@ VARIANTS: dict[str, dict] = {
         for steps in (25, 50, 100)
     },
 }
-CARVE_STAGES = ("capture", "profile", "group", "refit", "reconstruct", "budget", "propagate")
+CARVE_STAGES = ("capture", "profile", "group", "dense_stream", "refit", "reconstruct", "budget", "propagate")
 
 
 def load_windows(tokenizer, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -104,6 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
+    import cmoe
     from cmoe.calibration import calibration_windows
     from cmoe import mean_active_neurons
 
@@ -139,7 +145,8 @@ def main() -> None:
     with log:
         for shape_name, variant_name in pending:
             settings = dict(VARIANTS[variant_name])
-            windows = settings.pop("nsamples", args.nsamples)
+            preset_windows = cmoe.PRESETS.get(settings.get("preset", "reference")).calibration.get("nsamples")
+            windows = settings.pop("nsamples", preset_windows or args.nsamples)
             variant_calibration = calibration_windows(calibration_tokens, windows, args.seqlen, 0)
             carved, options, seconds = carve(dense, variant_calibration, shape_name, settings)
             carve_s = sum(seconds.get(stage, 0.0) for stage in CARVE_STAGES)
@@ -178,7 +185,8 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         f"Machine: {machine()}.",
         f"Model: SmolLM2-135M-Instruct (GGUF, fp32, {config.num_hidden_layers} layers, FFN "
         f"{config.intermediate_size}). "
-        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of wiki.valid.tokens, seed 0. Evaluation: "
+        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of wiki.valid.tokens, seed 0 (or the windows "
+        "the variant names, or its preset's: --preset quality 32). Evaluation: "
         f"{wiki} first "
         f"{evaluations[wiki].shape[0]} windows x {args.seqlen} ({evaluations[wiki].numel()} tokens); {stories}: all "
         f"{evaluations[stories].shape[0]} windows x {args.seqlen} ({evaluations[stories].numel()} tokens); GPTQ "
@@ -188,8 +196,9 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "Gap = ppl carved / ppl dense - 1 (the issue's definition). Active neurons: FFN neurons computed per token, "
         f"mean over layers (of {config.intermediate_size}); FFN madds: multiply-adds per token per layer, mean over "
         f"layers, of the active experts (3 x {config.hidden_size} per neuron) plus the router (dense FFN: "
-        f"{3 * config.hidden_size * config.intermediate_size:,}). Carve time: capture + profile + group + refit + "
-        "reconstruct + budget + propagate, over one dense forward pass over the same calibration tokens (a variant "
+        f"{3 * config.hidden_size * config.intermediate_size:,}). Carve time: capture + profile + group + "
+        "dense_stream + refit + reconstruct + budget + propagate, over one dense forward pass over the same "
+        "calibration tokens (a variant "
         "with --nsamples 32 against 32 windows' forward: the measured pass per window times 32). "
         "`--router linear --budget adaptive` was `--preset quality` "
         "before `--refit-down` existed. Every --reconstruct-steps row also passes "

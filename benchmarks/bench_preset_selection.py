@@ -29,6 +29,8 @@ import torch
 from bench_ablation import RECONSTRUCTION_50_STEPS, carve, perplexity
 from common import dense_smollm2, machine, read_log, wiki_valid_tokens, write_section
 
+# The candidates named "quality + ..." start from the preset's options before --refit-drift joined it.
+QUALITY_BEFORE_DRIFT = {"router": "linear", "refit_down": True}
 CANDIDATES: dict[str, dict] = {
     "reference": {},
     "linear router": {"router": "linear"},
@@ -40,14 +42,17 @@ CANDIDATES: dict[str, dict] = {
     },
     "down-projection refit": {"refit_down": True},
     "linear router + down-projection refit": {"router": "linear", "refit_down": True},
-    "quality + ridge 0.3": {"preset": "quality", "refit_ridge": 0.3},
-    "quality + ridge 1": {"preset": "quality", "refit_ridge": 1.0},
-    "quality + ridge 0.3 + 32 windows": {"preset": "quality", "refit_ridge": 0.3, "nsamples": 32},
-    "quality + feature ridge 0.1": {"preset": "quality", "refit_ridge": 0.1, "refit_ridge_scale": "feature"},
-    "quality + feature ridge 0.3": {"preset": "quality", "refit_ridge": 0.3, "refit_ridge_scale": "feature"},
-    "quality + 32 windows": {"preset": "quality", "nsamples": 32},
+    "quality + ridge 0.3": {**QUALITY_BEFORE_DRIFT, "refit_ridge": 0.3},
+    "quality + ridge 1": {**QUALITY_BEFORE_DRIFT, "refit_ridge": 1.0},
+    "quality + ridge 0.3 + 32 windows": {**QUALITY_BEFORE_DRIFT, "refit_ridge": 0.3, "nsamples": 32},
+    "quality + feature ridge 0.1": {**QUALITY_BEFORE_DRIFT, "refit_ridge": 0.1, "refit_ridge_scale": "feature"},
+    "quality + feature ridge 0.3": {**QUALITY_BEFORE_DRIFT, "refit_ridge": 0.3, "refit_ridge_scale": "feature"},
+    "quality + 32 windows": {**QUALITY_BEFORE_DRIFT, "nsamples": 32},
+    "quality + drift 0.5": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.5, "nsamples": 8},
+    "quality + drift 1": {**QUALITY_BEFORE_DRIFT, "refit_drift": 1.0, "nsamples": 8},
+    "quality + 32 windows + drift 0.5": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.5, "nsamples": 32},
     "quality + ridge 0.3 + reconstruction 50 steps": {
-        "preset": "quality",
+        **QUALITY_BEFORE_DRIFT,
         "refit_ridge": 0.3,
         **RECONSTRUCTION_50_STEPS,
     },

@@ -6,13 +6,14 @@ Presets are merged in one place (`CarveOptions.resolved`: explicit options win).
 every artifact (`cmoe_recipe.yaml`, key `recipe`) and `cmoe carve --recipe FILE` replays it.
 """
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from cmoe.checks import (
     check_device_name,
     check_dtype_name,
     check_integer,
+    check_number,
     check_positive,
     given,
     portable_text_source,
@@ -33,13 +34,23 @@ from cmoe.registry import Registry
 from cmoe.routers import GATINGS, ROUTERS
 from cmoe.shape import MoEShape
 
-PRESETS: Registry[dict] = Registry("preset", "--preset")
-PRESETS.register("reference", "the CMoE reference, faithfully", {})
+
+@dataclass(frozen=True)
+class Preset:
+    """A measured set of carve options and the calibration windows they were chosen with: `calibration`
+    fills the Calibration fields a fresh carve does not give (a replay keeps its recipe's windows)."""
+
+    options: dict
+    calibration: dict = field(default_factory=dict)
+
+
+PRESETS: Registry[Preset] = Registry("preset", "--preset")
+PRESETS.register("reference", "the CMoE reference, faithfully", Preset({}))
 PRESETS.register(
     "quality",
-    "linear router + least-squares down-projection refit, chosen on held-out calibration-domain text "
-    "(sequential carving only)",
-    {"router": "linear", "refit_down": True},
+    "linear router + least-squares down-projection refit halfway towards the dense stream (--refit-drift 0.5) "
+    "on 32 calibration windows, chosen on held-out calibration-domain text (sequential carving only)",
+    Preset({"router": "linear", "refit_down": True, "refit_drift": 0.5}, {"nsamples": 32}),
 )
 
 _CHOICES = {
@@ -76,6 +87,7 @@ class CarveOptions:
     refit_down: bool = False
     refit_ridge: float = REFIT_RIDGE
     refit_ridge_scale: str = "mean"
+    refit_drift: float = 0.0
     preset: str = "reference"
     seed: int = 0
     rescale: bool = False
@@ -101,6 +113,11 @@ class CarveOptions:
         check_integer("reconstruct_tokens", self.reconstruct_tokens, 1)
         check_positive("reconstruct_lr", self.reconstruct_lr)
         check_positive("refit_ridge", self.refit_ridge)
+        check_number("refit_drift", self.refit_drift)
+        if not 0 <= self.refit_drift <= 1:
+            raise CmoeError(f"--refit-drift {self.refit_drift}: must be between 0 and 1")
+        if self.refit_drift and self.propagate != "carved":
+            raise CmoeError("--refit-drift corrects the carved layers' drift: with --propagate dense there is none")
         METHODS.get(self.method).check(self.method, self)
         if self.rescale and self.budget == "adaptive":
             raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget adaptive")
@@ -138,8 +155,9 @@ class CarveOptions:
         values = given(explicit)
         reject_unknown_keys(type(self), values, "carve options")
         if preset is not None:
-            defaults = {item.name: item.default for item in fields(self) if item.name in PRESETS.get(self.preset)}
-            values = {**defaults, **PRESETS.get(preset), "preset": preset, **values}
+            old_options = PRESETS.get(self.preset).options
+            defaults = {item.name: item.default for item in fields(self) if item.name in old_options}
+            values = {**defaults, **PRESETS.get(preset).options, "preset": preset, **values}
         return replace(self, **values)
 
     def check(self, intermediate_size: int) -> None:
@@ -278,7 +296,8 @@ def build_carve_recipe(
     """The recipe of a `cmoe carve` command line: built from the defaults, or replayed from a recipe file
     (`replay`, a file or an artifact directory). Values given here (None = not given) override, in this
     order: the file or the defaults, then the preset's values, then what `export_format` needs (its linear
-    gate and gating rule), then each explicit option."""
+    gate and gating rule), then each explicit option. A fresh carve also takes the preset's calibration
+    windows where `calibration` does not name them; a replay keeps the recipe's."""
     options, calibration, compute = given(options), given(calibration), given(compute)
     if export_format is not None:
         gating = options.get("gating", EXPORT_FORMATS.get(export_format).gating)
@@ -289,7 +308,8 @@ def build_carve_recipe(
         if model is None:
             raise CmoeError("give the dense MODEL to carve (or --recipe FILE to replay a carve)")
         carved = CarveOptions.resolved(shape or MoEShape.parse("S3A3E8"), preset or "reference", **options)
-        data = None if profile else Calibration(**{"source": "wikitext2", **calibration})
+        windows = PRESETS.get(preset or "reference").calibration
+        data = None if profile else Calibration(**{"source": "wikitext2", **windows, **calibration})
         return CarveRecipe(model, carved, data, profile, Compute(**compute), export_format)
     base = CarveRecipe.from_dict(read_recipe(replay).get("recipe"))
     carved = base.options.with_overrides(preset=preset, shape=shape, **options)

@@ -11,6 +11,7 @@ from cmoe.errors import CmoeError
 from cmoe.modeling.configuration_cmoe import MoELayerSpec
 from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.recipes import CarveOptions
+from cmoe.pipeline.stages import carve_stages
 from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations, solve_down_projection
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
@@ -192,3 +193,75 @@ def test_refit_refuses_a_profile_and_the_adaptive_budget(tmp_path):
         run_carve(str(TINYSTORIES_MODEL), tmp_path / "x", options, None, tmp_path / "missing.safetensors", CPU)
     with pytest.raises(CmoeError, match="--budget uniform"):
         CarveOptions(MoEShape.parse("S1A1E4"), refit_down=True, budget="adaptive").check(384)
+
+
+def _last_layer_outputs(model, windows: torch.Tensor) -> torch.Tensor:
+    captured = {}
+    layers = model.model.layers
+    handle = layers[-1].register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
+    try:
+        with torch.no_grad():
+            model(windows)
+    finally:
+        handle.remove()
+    out = captured["out"]
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
+def _carve_tiny(shape: str, windows: torch.Tensor, **options) -> torch.nn.Module:
+    from conftest import tiny_llama
+
+    return cmoe.carve_model(tiny_llama(seed=3), windows, CarveOptions(MoEShape.parse(shape), **options))
+
+
+def test_refit_drift_changes_nothing_when_the_carved_stream_is_the_dense_one():
+    """All experts active: every carved layer is the dense one, so both streams agree and there is no drift."""
+    windows = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    plain = _carve_tiny("S0A8E8", windows, router="linear", refit_down=True)
+    drifting = _carve_tiny("S0A8E8", windows, router="linear", refit_down=True, refit_drift=1.0)
+    assert torch.allclose(_last_layer_outputs(plain, windows), _last_layer_outputs(drifting, windows), atol=1e-5)
+
+
+def test_refit_drift_brings_the_last_layer_closer_to_the_dense_model():
+    """Two layers: the first is carved alike (no drift below it), so with drift 1 the second layer's refit
+    minimises exactly its output's distance to the dense model's, which drift 0 cannot beat."""
+    from conftest import tiny_llama
+
+    windows = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    dense = _last_layer_outputs(tiny_llama(seed=3), windows)
+    errors = {}
+    for drift in (0.0, 0.5, 1.0):
+        carved = _carve_tiny("S1A1E4", windows, router="linear", refit_down=True, refit_drift=drift)
+        errors[drift] = (_last_layer_outputs(carved, windows) - dense).square().sum().item()
+    assert errors[1.0] < errors[0.5] < errors[0.0]
+
+
+def test_refit_drift_is_checked_when_the_options_are_built(tmp_path):
+    shape = MoEShape.parse("S1A1E4")
+    with pytest.raises(CmoeError, match="--refit-drift 1.5: must be between 0 and 1"):
+        CarveOptions(shape, refit_down=True, refit_drift=1.5)
+    assert "dense_stream" not in [stage.name for stage in carve_stages(CarveOptions(shape, refit_drift=0.5))]
+    with pytest.raises(CmoeError, match="--propagate dense"):
+        CarveOptions(shape, refit_down=True, refit_drift=0.5, propagate="dense")
+    options = CarveOptions(shape, refit_down=True, refit_drift=1.0)
+    with pytest.raises(CmoeError, match="follows the dense model.s stream on calibration data"):
+        run_carve(str(TINYSTORIES_MODEL), tmp_path / "x", options, None, tmp_path / "missing.safetensors", CPU)
+
+
+def test_a_carve_with_refit_drift_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path):
+    from conftest import save_tiny_model, weights_of
+
+    model = save_tiny_model(tmp_path / "dense", layers=3)
+    calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
+    options = CarveOptions(MoEShape.parse("S1A1E4"), router="linear", refit_down=True, refit_drift=1.0)
+    run_carve(str(model), tmp_path / "whole", options, calibration, compute=CPU)
+
+    def stop_after_two_layers(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_carve(str(model), tmp_path / "resumed", options, calibration, compute=CPU, on_layer=stop_after_two_layers)
+    run_carve(str(model), tmp_path / "resumed", options, calibration, compute=CPU, resume=True)
+    whole, resumed = weights_of(tmp_path / "whole"), weights_of(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[key], resumed[key]) for key in whole)

@@ -63,6 +63,19 @@ def test_presets_merge_in_one_place_and_explicit_options_win():
         CarveOptions(shape, refit_down=True, budget="adaptive")
 
 
+def test_a_preset_names_its_calibration_windows_unless_given_and_a_replay_keeps_its_own(tmp_path):
+    shape = MoEShape.parse("S2A2E8")
+    data = {"source": "text.txt"}
+    assert build_carve_recipe("m", shape=shape, preset="quality", calibration=data).calibration.nsamples == 32
+    assert build_carve_recipe("m", shape=shape, calibration=data).calibration.nsamples == 8
+    quick = build_carve_recipe("m", shape=shape, preset="quality", calibration={**data, "nsamples": 8})
+    assert quick.calibration.nsamples == 8
+    assert build_carve_recipe("m", shape=shape, preset="quality", profile="p.safetensors").calibration is None
+    (tmp_path / "first").mkdir()
+    cmoe.io.recipe_file.write_recipe(tmp_path / "first", {"recipe": quick.to_dict()})
+    assert build_carve_recipe(replay=tmp_path / "first", preset="quality").calibration.nsamples == 8
+
+
 def test_recipe_round_trips_and_rejects_unknown_keys():
     recipe = build_carve_recipe(
         "model-dir",

@@ -309,6 +309,8 @@ def _carved_description(record: dict, config: CMoEConfig) -> str:
         method += ", routed outputs rescaled by n/k"
     if record.get("refit_down"):
         method += ", down projections refitted by least squares on the calibration tokens"
+    if record.get("refit_drift"):
+        method += f", fitted towards the dense model's layer outputs (drift {record['refit_drift']:g})"
     router = "training-free" if ROUTERS[spec.router].training_free else "random start: train it with `cmoe finetune`"
     data = calibration.get("source") or PurePath(calibration.get("path", "profile")).name
     windows = f"{record.get('nsamples', '-')} windows of {record.get('seqlen', '-')} tokens, seed {record.get('seed')}"

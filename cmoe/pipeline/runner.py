@@ -7,7 +7,7 @@ back to the CPU where they wait for the next layer. Only one layer's weights are
 """
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -109,13 +109,20 @@ class LayerRunner:
     @torch.no_grad()
     def run_layer(self, index: int) -> None:
         """Replace every batch's hidden states by the output of decoder layer `index`."""
+        for output, batch in zip(self.layer_outputs(index, (batch.hidden for batch in self.batches)), self.batches):
+            batch.hidden = output
+
+    @torch.no_grad()
+    def layer_outputs(self, index: int, hiddens: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Decoder layer `index`'s output (on the CPU) for each batch's hidden states in `hiddens` (the
+        stored ones, or another stream of the same windows), one batch at a time."""
         layer = self.layers[index].to(self.device)
         try:
-            for batch in self.batches:
-                output = layer(batch.hidden.to(self.device), **batch.layer_kwargs[index])
+            for batch, hidden in zip(self.batches, hiddens):
+                output = layer(hidden.to(self.device), **batch.layer_kwargs[index])
                 if isinstance(output, tuple):
                     output = output[0]
-                batch.hidden = output.to("cpu")
+                yield output.to("cpu")
         finally:
             self._offload(layer)
 

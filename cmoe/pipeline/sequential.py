@@ -50,8 +50,9 @@ class StatisticsRequest:
 @dataclass
 class LayerWork:
     """One layer as it goes through the stages: its dense MLP, what the layer pass recorded (statistics,
-    and the MLP inputs and outputs when a stage needs them), the block a stage carved, and the block's
-    outputs when a stage already computed them."""
+    and the MLP inputs and outputs when a stage needs them), what the block is fitted to when a stage
+    moved it from those outputs (`targets`), the block a stage carved, and the block's outputs when a
+    stage already computed them."""
 
     index: int
     layer: nn.Module
@@ -59,8 +60,13 @@ class LayerWork:
     stats: ActivationStats | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] | None = None
     block: nn.Module | None = None
     block_outputs: list[torch.Tensor] | None = None
+
+    @property
+    def fit_targets(self) -> list[torch.Tensor]:
+        return self.outputs if self.targets is None else self.targets
 
 
 class Stage:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from cmoe.errors import CmoeError
 from cmoe.io.carved import layer_tensors
 from cmoe.io.profile_format import ProfileFile, StreamingSafetensorsWriter, write_layer
 from cmoe.io.shards import ShardWriter
@@ -178,6 +179,45 @@ class FlattenGate(Stage):
         scale_routed_outputs(work.block, float(self.top_k))
 
 
+class DenseStreamTargets(Stage):
+    """Move the targets of the refit and the reconstruction from the dense FFN's output on the carved
+    inputs towards what makes the carved layer's output the dense model's: the dense model's own stream
+    runs beside the carved one, and `drift` of their difference after this layer is added to the target,
+    so the block also corrects what the carved layers below changed (where its inputs can tell)."""
+
+    name = "dense_stream"
+    needs = frozenset({CALIBRATION, MLP_IO})
+    refusal = (
+        "--refit-drift (part of --preset quality) follows the dense model's stream on calibration data: drop "
+        "--profile or pass --no-refit-down (or --refit-drift 0)"
+    )
+
+    def __init__(self, drift: float):
+        self.drift = drift
+        self.dense_hidden: list[torch.Tensor] | None = None
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        if not pipeline.additive:
+            raise CmoeError("--refit-drift needs layers that add their MLP output to the residual stream")
+        runner = pipeline.runner
+        with pipeline.timer.stage(self.name):
+            if self.dense_hidden is None:  # layer 0: both streams start from the embeddings
+                self.dense_hidden = [batch.hidden for batch in runner.batches]
+            else:
+                for position, output in enumerate(runner.layer_outputs(work.index, self.dense_hidden)):
+                    self.dense_hidden[position] = output
+            work.targets = [
+                (y.float() + self.drift * (dense.float() - batch.hidden.float()).view(y.shape))
+                for y, dense, batch in zip(work.outputs, self.dense_hidden, runner.batches)
+            ]
+
+    def state(self) -> list[torch.Tensor] | None:
+        return self.dense_hidden
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        self.dense_hidden = None if state is None else list(state)
+
+
 class Refit(Stage):
     """Refit the block's down projections to the dense outputs on this layer's calibration tokens."""
 
@@ -195,7 +235,7 @@ class Refit(Stage):
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         with pipeline.timer.stage(self.name):
             work.block_outputs = refit_down_projections(
-                work.block.to(pipeline.device), work.inputs, work.outputs, self.ridge, self.scale
+                work.block.to(pipeline.device), work.inputs, work.fit_targets, self.ridge, self.scale
             )
 
 
@@ -217,7 +257,7 @@ class Reconstruct(Stage):
         with pipeline.timer.stage(self.name):
             hidden = work.inputs[0].shape[-1]
             inputs = torch.cat([x.reshape(-1, hidden) for x in work.inputs]).float()
-            targets = torch.cat([y.reshape(-1, hidden) for y in work.outputs]).float()
+            targets = torch.cat([y.reshape(-1, hidden) for y in work.fit_targets]).float()
             energy = torch.cat(
                 [batch.hidden.reshape(-1, hidden).float().square().sum(dim=1) for batch in pipeline.runner.batches]
             )
@@ -398,6 +438,8 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
         stages.append(Rescale(options.shape.routed / options.shape.active))
     if options.flat_gate:
         stages.append(FlattenGate(options.shape.active))
+    if options.refit_drift and (options.refit_down or options.reconstruct_steps):
+        stages.append(DenseStreamTargets(options.refit_drift))
     if options.refit_down:
         stages.append(Refit(options.refit_ridge, options.refit_ridge_scale))
     if options.reconstruct_steps:
