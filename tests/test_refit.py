@@ -14,7 +14,7 @@ from cmoe.recipes import CarveOptions
 from cmoe.pipeline.stages import carve_stages
 from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations, solve_down_projection
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, save_tiny_model, tiny_llama, weights_of
 
 CPU = Compute(device="cpu", dtype="float32", batch_size=2)
 
@@ -197,8 +197,9 @@ def test_refit_refuses_a_profile_and_the_adaptive_budget(tmp_path):
 
 def _last_layer_outputs(model, windows: torch.Tensor) -> torch.Tensor:
     captured = {}
-    layers = model.model.layers
-    handle = layers[-1].register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda module, args, output: captured.setdefault("out", output)
+    )
     try:
         with torch.no_grad():
             model(windows)
@@ -209,8 +210,6 @@ def _last_layer_outputs(model, windows: torch.Tensor) -> torch.Tensor:
 
 
 def _carve_tiny(shape: str, windows: torch.Tensor, **options) -> torch.nn.Module:
-    from conftest import tiny_llama
-
     return cmoe.carve_model(tiny_llama(seed=3), windows, CarveOptions(MoEShape.parse(shape), **options))
 
 
@@ -225,8 +224,6 @@ def test_refit_drift_changes_nothing_when_the_carved_stream_is_the_dense_one():
 def test_refit_drift_brings_the_last_layer_closer_to_the_dense_model():
     """Two layers: the first is carved alike (no drift below it), so with drift 1 the second layer's refit
     minimises exactly its output's distance to the dense model's, which drift 0 cannot beat."""
-    from conftest import tiny_llama
-
     windows = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
     dense = _last_layer_outputs(tiny_llama(seed=3), windows)
     errors = {}
@@ -249,8 +246,6 @@ def test_refit_drift_is_checked_when_the_options_are_built(tmp_path):
 
 
 def test_a_carve_with_refit_drift_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path):
-    from conftest import save_tiny_model, weights_of
-
     model = save_tiny_model(tmp_path / "dense", layers=3)
     calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
     options = CarveOptions(MoEShape.parse("S1A1E4"), router="linear", refit_down=True, refit_drift=1.0)
