@@ -64,7 +64,17 @@ VARIANTS: dict[str, dict] = {
         for steps in (25, 50, 100)
     },
 }
-CARVE_STAGES = ("capture", "profile", "group", "dense_stream", "refit", "reconstruct", "budget", "propagate")
+CARVE_STAGES = (
+    "capture",
+    "profile",
+    "group",
+    "dense_stream",
+    "refit",
+    "refit_router",
+    "reconstruct",
+    "budget",
+    "propagate",
+)
 
 
 def load_windows(tokenizer, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:

@@ -51,6 +51,18 @@ CANDIDATES: dict[str, dict] = {
     "quality + drift 0.5": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.5, "nsamples": 8},
     "quality + drift 1": {**QUALITY_BEFORE_DRIFT, "refit_drift": 1.0, "nsamples": 8},
     "quality + 32 windows + drift 0.5": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.5, "nsamples": 32},
+    "quality + drift 0.5 + router refit": {
+        **QUALITY_BEFORE_DRIFT,
+        "refit_drift": 0.5,
+        "refit_router": True,
+        "nsamples": 8,
+    },
+    "quality + 32 windows + drift 0.5 + router refit": {
+        **QUALITY_BEFORE_DRIFT,
+        "refit_drift": 0.5,
+        "refit_router": True,
+        "nsamples": 32,
+    },
     "quality + ridge 0.3 + reconstruction 50 steps": {
         **QUALITY_BEFORE_DRIFT,
         "refit_ridge": 0.3,

@@ -17,7 +17,11 @@ process (peak RSS from the kernel); the whole-model carve runs `carve_model` on 
 the same writer, also in a fresh process. Both outputs must be equal bit for bit. Then the "Scale
 (bench_scale.py)" section of RESULTS.md is written.
 
-flock /tmp/cmoe-bench.lock python benchmarks/bench_scale.py [--work DIR] [--part layers|end-to-end|all]
+`--part deep-layer` (not part of `all`) carves a two-layer model at one shape (`--shape`, `--options=...`,
+`--nsamples`) and writes the seconds one layer of a deep model pays per stage, including those a one-layer
+model cannot show (the dense stream of --refit-drift, propagation).
+
+flock /tmp/cmoe-bench.lock python benchmarks/bench_scale.py [--work DIR] [--part layers|end-to-end|deep-layer|all]
 """
 
 import argparse
@@ -88,8 +92,9 @@ def synthetic_model(directory: Path) -> tuple[int, int]:
     return size // 2, size
 
 
-def one_layer_model(directory: Path, shape: tuple) -> None:
-    """A one-layer Llama at `shape`, random bf16 weights made in bf16 (no fp32 copy), in 2 GB shards."""
+def one_layer_model(directory: Path, shape: tuple, layers: int = 1) -> None:
+    """A Llama of `layers` decoder layers (one by default) at `shape`, random bf16 weights made in bf16 (no
+    fp32 copy), in 2 GB shards."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -100,7 +105,7 @@ def one_layer_model(directory: Path, shape: tuple) -> None:
     config = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=ffn,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         vocab_size=8192,
@@ -237,14 +242,88 @@ def layer_report(all_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Runs of a stage in a carve of L layers, where not L: the dense stream starts at layer 1 (layer 0 reads the
+# embeddings), the last layer is neither propagated nor checkpointed, layer 0 is read once more before the
+# loop (the additivity check).
+STAGE_RUNS = {"dense_stream": -1, "propagate": -1, "resume_state": -1, "load_layer": +1}
+# Stages whose work does not grow with the calibration tokens (the assignment reads the statistics only).
+TOKEN_FREE_STAGES = ("group", "load_layer", "write")
+LAYERS = 2
+
+
+def deep_layer_row(work: Path, name: str, nsamples: int, options: list[str]) -> dict:
+    """A two-layer model at the shape `name`, carved with `options`: the seconds one layer of a deep model
+    pays per stage (each stage's total over its runs, see STAGE_RUNS)."""
+    hidden, ffn, heads, kv_heads, depth, vocabulary, config = LAYER_SHAPES[name]
+    model, out = work / f"two-layers-{name}", work / f"two-layers-{name}-carved"
+    one_layer_model(model, LAYER_SHAPES[name], layers=LAYERS)
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    data = ["--data", str(WIKI_VALID), "--nsamples", str(nsamples), "--seqlen", "2048", "--device", "cpu"]
+    seconds, rss, _ = run_cli("carve", str(model), "-o", str(out), "--config", config, *options, *data)
+    stages = _timings(out)
+    per_layer = {
+        stage: value / (LAYERS + STAGE_RUNS.get(stage, 0))
+        for stage, value in stages.items()
+        if stage not in (*ONCE_STAGES, "total")
+    }
+    return {
+        "shape": name,
+        "hidden": hidden,
+        "ffn": ffn,
+        "depth": depth,
+        "config": config,
+        "options": " ".join(options),
+        "nsamples": nsamples,
+        "wall_s": seconds,
+        "peak_rss_mib": rss,
+        "stages_s": per_layer,
+    }
+
+
+def deep_layer_report(row: dict, windows: int) -> str:
+    stages = list(row["stages_s"])
+    layer = sum(row["stages_s"].values())
+    token_free = sum(row["stages_s"].get(stage, 0.0) for stage in TOKEN_FREE_STAGES)
+    scaled = token_free + (layer - token_free) * windows / row["nsamples"]
+    cells = " | ".join(f"{row['stages_s'][stage]:.1f}" for stage in stages)
+    return "\n".join(
+        [
+            f"Machine: {machine()}.",
+            "",
+            f"A two-layer Llama at {row['shape']} shapes (d {row['hidden']}, d_h {row['ffn']}, random weights, bf16 "
+            f"on disk, fp32 compute), `cmoe carve --config {row['config']} {row['options']}` on {row['nsamples']} x "
+            "2,048 tokens of wiki.valid.tokens: the seconds one layer of a deep model pays per stage (each stage's "
+            "total over its runs: dense_stream starts at layer 1, the last layer is neither propagated nor "
+            "checkpointed (resume_state), layer 0 is read once more before the loop):",
+            "",
+            "| shape | config | " + " | ".join(stages) + " | per layer | peak RSS (MiB) |",
+            "|---|---|" + "---|" * len(stages) + "---|---|",
+            f"| {row['shape']} | {row['config']} | {cells} | {layer:.1f} | {row['peak_rss_mib']:.0f} |",
+            "",
+            f"On {windows} windows (what `--preset quality` calibrates on when --nsamples is not given) every stage "
+            f"but {', '.join(TOKEN_FREE_STAGES)} reads each token, so one layer takes about {scaled:.0f} s here "
+            f"(a projection: measured stages times {windows}/{row['nsamples']}), {row['depth']} layers about "
+            f"{row['depth'] * scaled / 3600:.1f} h on this CPU, once-only stages aside.",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cmoe-scale")
-    parser.add_argument("--part", choices=("layers", "end-to-end", "all"), default="all")
+    parser.add_argument("--part", choices=("layers", "end-to-end", "deep-layer", "all"), default="all")
+    parser.add_argument("--shape", choices=tuple(LAYER_SHAPES), default="LLaMA-2-7B", help="for --part deep-layer")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration windows of --part deep-layer")
+    parser.add_argument("--options", default="--preset quality", help="carve options of --part deep-layer (one string)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.part in ("layers", "all"):
         write_section("Scale per layer (bench_scale.py)", layer_report(layer_rows(args.work)))
+    if args.part == "deep-layer":
+        row = deep_layer_row(args.work, args.shape, args.nsamples, args.options.split())
+        print(json.dumps(row), flush=True)
+        title = f"Scale per layer of a deep model, {args.shape}, {args.options} (bench_scale.py)"
+        write_section(title, deep_layer_report(row, windows=32))
     if args.part in ("end-to-end", "all"):
         end_to_end(args.work)
 

@@ -394,6 +394,15 @@ def carve(
             "--refit-down or --reconstruct-steps (default 0; --preset quality 0.5).",
         ),
     ] = None,
+    refit_router: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--refit-router/--no-refit-router",
+            help="After --refit-down, fit the linear router to what each refitted expert removes from the layer's "
+            "error on each calibration token, then refit the down projections for the new routing; a layer keeps "
+            "whichever fit has the lower calibration error (--router linear or linear-gate; default off).",
+        ),
+    ] = None,
     reconstruct_steps: Annotated[
         Optional[int],
         typer.Option(
@@ -497,6 +506,7 @@ def carve(
         "refit_ridge": refit_ridge,
         "refit_ridge_scale": refit_ridge_scale,
         "refit_drift": refit_drift,
+        "refit_router": refit_router,
         "propagate": propagate,
         "gating": gating,
         "flat_gate": flat_gate,

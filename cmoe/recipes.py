@@ -88,6 +88,7 @@ class CarveOptions:
     refit_ridge: float = REFIT_RIDGE
     refit_ridge_scale: str = "mean"
     refit_drift: float = 0.0
+    refit_router: bool = False
     preset: str = "reference"
     seed: int = 0
     rescale: bool = False
@@ -118,6 +119,15 @@ class CarveOptions:
             raise CmoeError(f"--refit-drift {self.refit_drift}: must be between 0 and 1")
         if self.refit_drift and self.propagate != "carved":
             raise CmoeError("--refit-drift corrects the carved layers' drift: with --propagate dense there is none")
+        if self.refit_router and not self.refit_down:
+            raise CmoeError("--refit-router refits the router after the down-projection refit: add --refit-down")
+        if self.refit_router and self.router not in ("linear", "linear-gate"):
+            raise CmoeError(f"--refit-router fits a linear router's scores: --router {self.router} has none")
+        if self.refit_router and self.gating != "cmoe" and not self.flat_gate:
+            raise CmoeError(
+                "--refit-router ranks experts by their output at a fixed gate value: under a renormalising rule "
+                "pass --flat-gate"
+            )
         METHODS.get(self.method).check(self.method, self)
         if self.rescale and self.budget == "adaptive":
             raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget adaptive")

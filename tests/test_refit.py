@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import cmoe
-from cmoe.pipeline.blocks import down_projections, refit_down_projections, routed_pieces
+from cmoe.pipeline.blocks import (
+    down_projections,
+    refit_down_projections,
+    refit_router_scores,
+    routed_pieces,
+    router_projection,
+)
 from cmoe import Calibration, Compute, run_carve
 from cmoe.shape import MoEShape
 from cmoe.errors import CmoeError
@@ -13,6 +19,7 @@ from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.recipes import CarveOptions
 from cmoe.pipeline.stages import carve_stages
 from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations, solve_down_projection
+from cmoe.numerics.router_fit import best_selection, ridge_solve, selection_benefit
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, save_tiny_model, tiny_llama, weights_of
 
@@ -245,10 +252,11 @@ def test_refit_drift_is_checked_when_the_options_are_built(tmp_path):
         run_carve(str(TINYSTORIES_MODEL), tmp_path / "x", options, None, tmp_path / "missing.safetensors", CPU)
 
 
-def test_a_carve_with_refit_drift_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("extra", [{"refit_drift": 1.0}, {"refit_router": True}])
+def test_a_carve_with_refit_drift_or_router_refit_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, extra):
     model = save_tiny_model(tmp_path / "dense", layers=3)
     calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
-    options = CarveOptions(MoEShape.parse("S1A1E4"), router="linear", refit_down=True, refit_drift=1.0)
+    options = CarveOptions(MoEShape.parse("S1A1E4"), router="linear", refit_down=True, **extra)
     run_carve(str(model), tmp_path / "whole", options, calibration, compute=CPU)
 
     def stop_after_two_layers(done: int, total: int) -> None:
@@ -260,3 +268,112 @@ def test_a_carve_with_refit_drift_resumes_to_the_bytes_of_an_uninterrupted_one(t
     run_carve(str(model), tmp_path / "resumed", options, calibration, compute=CPU, resume=True)
     whole, resumed = weights_of(tmp_path / "whole"), weights_of(tmp_path / "resumed")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_selection_benefit_and_best_selection_by_hand():
+    """Residual (3, 0): an output equal to it removes all 9, twice it removes nothing, its opposite adds 27."""
+    residual = torch.tensor([[3.0, 0.0]]).expand(3, 2)
+    outputs = torch.tensor([[3.0, 0.0], [6.0, 0.0], [-3.0, 0.0]])
+    assert selection_benefit(residual, outputs).tolist() == [9.0, 0.0, -27.0]
+    benefit = torch.tensor([[1.0, 5.0, -2.0], [0.5, -1.0, 0.7]])
+    assert best_selection(benefit, 1).tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert best_selection(benefit, 2).tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+
+
+def test_ridge_solve_recovers_an_exact_linear_map():
+    design = torch.randn(200, 5, generator=torch.Generator().manual_seed(0)).double()
+    truth = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)).double()
+    solution = ridge_solve(design.T @ design, design.T @ (design @ truth), ridge=1e-12)
+    assert torch.allclose(solution, truth, atol=1e-8)
+
+
+def _two_expert_block(router: str) -> CMoEBlock:
+    """Two experts of one neuron writing to orthogonal output directions (expert e to dimension e), and a
+    router that scores on x_1 alone (+x_1 for expert 0, -x_1 for expert 1)."""
+    block = CMoEBlock(4, "silu", MoELayerSpec(0, 2, 1, 1, router=router))
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.zero_()
+        for index, expert in enumerate(block.experts):
+            expert.gate_proj.weight[0, 2 + index] = 1.0
+            expert.up_proj.weight[0, 2 + index] = 1.0
+            expert.down_proj.weight[index, 0] = 1.0
+        router_projection(block).weight[:, 1] = torch.tensor([1.0, -1.0])
+    return block.eval()
+
+
+@pytest.mark.parametrize("router", ["linear", "linear-gate"])
+def test_the_router_refit_learns_which_expert_removes_the_error(router):
+    """The target is expert 0's output where x_0 > 0 and expert 1's elsewhere: only the refitted router can
+    tell, from x_0, which one a token needs (the one it starts from reads x_1, independent of x_0)."""
+    block = _two_expert_block(router)
+    x = torch.randn(512, 4, generator=torch.Generator().manual_seed(2))
+    x[:, 2:] = 1.0
+    with torch.no_grad():
+        outputs = torch.stack([expert(x) for expert in block.experts], dim=1)
+        needed = (x[:, 0] <= 0).long()
+        target = outputs[torch.arange(len(x)), needed]
+        before = (block.router(x).indices[:, 0] == needed).float().mean().item()
+        refit_router_scores(block, [x], [target], gate_value=1.0, logit_factor=1.0)
+        after = (block.router(x).indices[:, 0] == needed).float().mean().item()
+    assert before < 0.6 and after > 0.95
+
+
+def _layer_tensors(directory, layer: int, part: str) -> dict:
+    prefix = f"model.layers.{layer}.mlp."
+    return {key: value for key, value in weights_of(directory).items() if key.startswith(prefix) and part in key}
+
+
+def test_router_refit_keeps_the_fit_with_the_lower_calibration_error(tmp_path):
+    """Layer 0 sees the same inputs with and without --refit-router: its router and down projections are
+    the plain refit's exactly when the record says the router refit did not lower the error."""
+    model = save_tiny_model(tmp_path / "dense", layers=2)
+    calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=2, seqlen=64, seed=0)
+    carved = {}
+    for refit_router in (False, True):
+        options = CarveOptions(MoEShape.parse("S1A1E4"), router="linear", refit_down=True, refit_router=refit_router)
+        carved[refit_router] = tmp_path / str(refit_router)
+        record = run_carve(str(model), carved[refit_router], options, calibration, compute=CPU)
+    errors = record["router_refit_error"]
+    assert [entry["layer"] for entry in errors] == [0, 1]
+    assert all(0 < entry["before"] < 1 and entry["after"] > 0 for entry in errors)
+    improved = errors[0]["after"] < errors[0]["before"]
+    for part in ("router", "down_proj"):
+        plain, refitted = (_layer_tensors(carved[flag], 0, part) for flag in (False, True))
+        assert plain and plain.keys() == refitted.keys()
+        assert all(torch.equal(plain[key], refitted[key]) for key in plain) is not improved
+    assert "routed layers (where it lowered the calibration error)" in (carved[True] / "README.md").read_text()
+
+
+def test_router_refit_under_a_flattened_renormalising_gate_keeps_the_gate_flat():
+    """--flat-gate: the refitted scores are scaled like FlattenGate's, so every selected expert still weighs
+    about 1/k."""
+    windows = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    model = _carve_tiny(
+        "S1A2E4",
+        windows,
+        router="linear-gate",
+        gating="softmax-renorm",
+        flat_gate=True,
+        refit_down=True,
+        refit_router=True,
+    )
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        routing = block.router(torch.randn(64, block.router.gate.weight.shape[1]))
+    assert torch.allclose(routing.weights, torch.full_like(routing.weights, 0.5), rtol=1e-3)
+
+
+def test_router_refit_is_checked_when_the_options_are_built():
+    shape = MoEShape.parse("S1A1E4")
+    with pytest.raises(CmoeError, match="add --refit-down"):
+        CarveOptions(shape, router="linear", refit_router=True)
+    with pytest.raises(CmoeError, match="--router analytic has none"):
+        CarveOptions(shape, refit_down=True, refit_router=True)
+    with pytest.raises(CmoeError, match="pass --flat-gate"):
+        CarveOptions(shape, router="linear-gate", gating="softmax-renorm", refit_down=True, refit_router=True)
+    flat = CarveOptions(
+        shape, router="linear-gate", gating="softmax-renorm", flat_gate=True, refit_down=True, refit_router=True
+    )
+    assert [stage.name for stage in carve_stages(flat)][-2:] == ["refit", "refit_router"]
+    assert "refit_router" not in [stage.name for stage in carve_stages(CarveOptions(shape, refit_down=True))]

@@ -311,6 +311,11 @@ def _carved_description(record: dict, config: CMoEConfig) -> str:
         method += ", down projections refitted by least squares on the calibration tokens"
     if record.get("refit_drift"):
         method += f", fitted towards the dense model's layer outputs (drift {record['refit_drift']:g})"
+    if record.get("refit_router"):
+        errors = record.get("router_refit_error") or []
+        kept = sum(entry["after"] < entry["before"] for entry in errors)
+        method += f", router refitted to the refitted experts in {kept} of {len(errors)} routed layers (where it "
+        method += "lowered the calibration error)"
     router = "training-free" if ROUTERS[spec.router].training_free else "random start: train it with `cmoe finetune`"
     data = calibration.get("source") or PurePath(calibration.get("path", "profile")).name
     windows = f"{record.get('nsamples', '-')} windows of {record.get('seqlen', '-')} tokens, seed {record.get('seed')}"

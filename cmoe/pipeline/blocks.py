@@ -6,7 +6,8 @@ from torch import nn
 from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.numerics.grouping import Partition
 from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations
-from cmoe.numerics.statistics import ActivationStats
+from cmoe.numerics.router_fit import best_selection, ridge_solve, selection_benefit
+from cmoe.numerics.statistics import ActivationStats, with_constant
 from cmoe.routers import ROUTERS
 from cmoe.shape import MoELayerSpec
 
@@ -119,3 +120,41 @@ def refit_down_projections(
             out.index_add_(0, piece.rows, piece.features @ weight_t)
         refitted.append(out.view(x.shape))
     return refitted
+
+
+def router_projection(block: CMoEBlock) -> nn.Linear:
+    """The linear map that scores tokens in a linear router (`proj`, with intercept) or gate (`gate`)."""
+    router = block.router
+    projection = getattr(router, "proj", None) or getattr(router, "gate", None)
+    if not isinstance(projection, nn.Linear):
+        raise ValueError(f"{type(router).__name__} has no linear scoring map to refit")
+    return projection
+
+
+@torch.no_grad()
+def refit_router_scores(block: CMoEBlock, inputs: list, targets: list, gate_value: float, logit_factor: float) -> None:
+    """Fit the block's linear router, by ridge regression on its input, to pick on each token the experts
+    that remove the most of what the shared block leaves of the target (see best_selection), under the
+    block's current experts. `gate_value` is the weight a selected expert's output carries (1 under the
+    cmoe rule, about 1/k with a flattened renormalising gate); the fitted scores are multiplied by
+    `logit_factor` (FlattenGate's). Inputs and targets are lists of batches of any leading shape."""
+    projection = router_projection(block)
+    weight = projection.weight
+    hidden_size = weight.shape[1]
+    intercept = projection.bias is not None
+    width = hidden_size + int(intercept)
+    gram = torch.zeros(width, width, dtype=torch.float64, device=weight.device)
+    cross = torch.zeros(width, len(block.experts), dtype=torch.float64, device=weight.device)
+    for x, y in zip(inputs, targets):
+        x = x.reshape(-1, hidden_size).to(weight.device, weight.dtype)
+        missing = y.reshape(-1, hidden_size).to(weight.device, torch.float32)
+        if block.shared is not None:
+            missing = missing - block.shared(x).float()
+        benefit = torch.stack([selection_benefit(missing, expert(x).float() * gate_value) for expert in block.experts])
+        design = (with_constant(x.float()) if intercept else x.float()).double()
+        gram += design.T @ design
+        cross += design.T @ best_selection(benefit.T, block.top_k)
+    solution = ridge_solve(gram, cross) * logit_factor
+    weight.copy_(solution[:hidden_size].T.to(weight.dtype))
+    if intercept:
+        projection.bias.copy_(solution[hidden_size].to(weight.dtype))

@@ -63,6 +63,7 @@ class LayerWork:
     targets: list[torch.Tensor] | None = None
     block: nn.Module | None = None
     block_outputs: list[torch.Tensor] | None = None
+    carved_down: list[torch.Tensor] | None = None
 
     @property
     def fit_targets(self) -> list[torch.Tensor]:

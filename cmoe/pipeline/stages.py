@@ -23,7 +23,14 @@ from cmoe.modeling.modeling_cmoe import CMoEBlock, CMoEForCausalLM
 from cmoe.numerics.budget import allocate_active_experts, selection_errors
 from cmoe.numerics.grouping import check_partition, layer_seed
 from cmoe.numerics.reconstruction import token_weights
-from cmoe.pipeline.blocks import build_block, refit_down_projections, scale_routed_outputs
+from cmoe.pipeline.blocks import (
+    build_block,
+    down_projections,
+    refit_down_projections,
+    refit_router_scores,
+    router_projection,
+    scale_routed_outputs,
+)
 from cmoe.pipeline.gradients import gradient_importance
 from cmoe.pipeline.reconstruct import reconstruct_block
 from cmoe.pipeline.runner import decoder_of
@@ -228,15 +235,72 @@ class Refit(Stage):
         "drop --profile or pass --no-refit-down"
     )
 
-    def __init__(self, ridge: float, scale: str):
+    def __init__(self, ridge: float, scale: str, keep_carved: bool = False):
         self.ridge = ridge
         self.scale = scale
+        self.keep_carved = keep_carved
 
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         with pipeline.timer.stage(self.name):
+            if self.keep_carved:
+                work.carved_down = [down.weight.detach().clone() for down in down_projections(work.block)]
             work.block_outputs = refit_down_projections(
                 work.block.to(pipeline.device), work.inputs, work.fit_targets, self.ridge, self.scale
             )
+
+
+def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """sum |output - target|^2 / sum |target|^2 over every token of the batches."""
+    missed = sum(float((out.float() - y.float().view(out.shape)).square().sum()) for out, y in zip(outputs, targets))
+    return missed / max(sum(float(y.float().square().sum()) for y in targets), 1e-30)
+
+
+class RefitRouter(Stage):
+    """After the refit: fit the linear router to pick, on each calibration token, the refitted experts
+    that remove the most of the layer's error (see refit_router_scores), then refit the down projections
+    for the new routing, pulled towards the carved weights as the first refit was. The layer keeps
+    whichever of the two fits has the lower error on its calibration tokens; each routed layer's error
+    before and after goes to the carve's record (`router_refit_error`)."""
+
+    name = "refit_router"
+    needs = frozenset({CALIBRATION, MLP_IO})
+    refusal = "--refit-router fits each carved layer's router on calibration data: drop --profile or --refit-router"
+
+    def __init__(self, ridge: float, scale: str, gate_value: float, logit_factor: float):
+        self.ridge, self.scale = ridge, scale
+        self.gate_value, self.logit_factor = gate_value, logit_factor
+        self.errors: list[dict] = []
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        block, targets = work.block, work.fit_targets
+        carved, work.carved_down = work.carved_down, None
+        if not 0 < block.top_k < block.num_experts:  # no routing choice to improve
+            return
+        with pipeline.timer.stage(self.name):
+            before = relative_error(work.block_outputs, targets)
+            changed = [router_projection(block), *down_projections(block)]
+            first_fit = [{name: tensor.clone() for name, tensor in module.state_dict().items()} for module in changed]
+            refit_router_scores(block, work.inputs, targets, self.gate_value, self.logit_factor)
+            with torch.no_grad():  # the second refit pulls towards the carved weights, as the first did
+                for down, weight in zip(down_projections(block), carved):
+                    down.weight.copy_(weight)
+            outputs = refit_down_projections(block, work.inputs, targets, self.ridge, self.scale)
+            after = relative_error(outputs, targets)
+            if after < before:
+                work.block_outputs = outputs
+            else:
+                for module, state in zip(changed, first_fit):
+                    module.load_state_dict(state)
+        self.errors.append({"layer": work.index, "before": round(before, 6), "after": round(after, 6)})
+
+    def state(self) -> list[dict]:
+        return self.errors
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        self.errors = list(state)
+
+    def report(self) -> dict:
+        return {"router_refit_error": self.errors}
 
 
 class Reconstruct(Stage):
@@ -441,7 +505,11 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
     if options.refit_drift and (options.refit_down or options.reconstruct_steps):
         stages.append(DenseStreamTargets(options.refit_drift))
     if options.refit_down:
-        stages.append(Refit(options.refit_ridge, options.refit_ridge_scale))
+        stages.append(Refit(options.refit_ridge, options.refit_ridge_scale, keep_carved=options.refit_router))
+    if options.refit_router:
+        gate_value = 1.0 / options.shape.active if options.flat_gate else 1.0
+        logit_factor = FLAT_GATE_FACTOR if options.flat_gate else 1.0
+        stages.append(RefitRouter(options.refit_ridge, options.refit_ridge_scale, gate_value, logit_factor))
     if options.reconstruct_steps:
         stages.append(Reconstruct(options))
     return stages + BUDGETS.get(options.budget)(options)
