@@ -35,6 +35,10 @@ from cmoe.routers import GATINGS, ROUTERS
 from cmoe.shape import MoEShape
 
 
+# Routers whose scores are one linear map of the layer input (what --flat-gate scales, --refit-router refits).
+LINEAR_ROUTERS = ("linear", "linear-gate")
+
+
 @dataclass(frozen=True)
 class Preset:
     """A measured set of carve options and the calibration windows they were chosen with: `calibration`
@@ -121,7 +125,7 @@ class CarveOptions:
             raise CmoeError("--refit-drift corrects the carved layers' drift: with --propagate dense there is none")
         if self.refit_router and not self.refit_down:
             raise CmoeError("--refit-router refits the router after the down-projection refit: add --refit-down")
-        if self.refit_router and self.router not in ("linear", "linear-gate"):
+        if self.refit_router and self.router not in LINEAR_ROUTERS:
             raise CmoeError(f"--refit-router fits a linear router's scores: --router {self.router} has none")
         if self.refit_router and self.gating != "cmoe" and not self.flat_gate:
             raise CmoeError(
@@ -137,7 +141,7 @@ class CarveOptions:
             )
         if self.gating != "cmoe" and not ROUTERS.get(self.router).follows_gating:
             raise CmoeError(f"--router {self.router} has its own gate: pass --gating cmoe or another router")
-        if self.flat_gate and (self.gating == "cmoe" or self.router not in ("linear", "linear-gate")):
+        if self.flat_gate and (self.gating == "cmoe" or self.router not in LINEAR_ROUTERS):
             raise CmoeError(
                 "--flat-gate scales a linear router's logits under a renormalising rule: pass --gating "
                 "softmax-renorm or sigmoid-renorm and --router linear-gate (or linear)"

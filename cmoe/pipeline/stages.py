@@ -255,7 +255,29 @@ def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> 
     return missed / max(sum(float(y.float().square().sum()) for y in targets), 1e-30)
 
 
-class RefitRouter(Stage):
+class LayerErrorLog(Stage):
+    """A stage that records each layer's relative output error before and after it, under `record_key`
+    in the carve's record, and keeps the log across a resumed carve."""
+
+    record_key = "error"
+
+    def __init__(self):
+        self.errors: list[dict] = []
+
+    def log(self, layer: int, before: float, after: float) -> None:
+        self.errors.append({"layer": layer, "before": round(before, 6), "after": round(after, 6)})
+
+    def state(self) -> list[dict]:
+        return self.errors
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        self.errors = list(state)
+
+    def report(self) -> dict:
+        return {self.record_key: self.errors}
+
+
+class RefitRouter(LayerErrorLog):
     """After the refit: fit the linear router to pick, on each calibration token, the refitted experts
     that remove the most of the layer's error (see refit_router_scores), then refit the down projections
     for the new routing, pulled towards the carved weights as the first refit was. The layer keeps
@@ -265,11 +287,12 @@ class RefitRouter(Stage):
     name = "refit_router"
     needs = frozenset({CALIBRATION, MLP_IO})
     refusal = "--refit-router fits each carved layer's router on calibration data: drop --profile or --refit-router"
+    record_key = "router_refit_error"
 
     def __init__(self, ridge: float, scale: str, gate_value: float, logit_factor: float):
+        super().__init__()
         self.ridge, self.scale = ridge, scale
         self.gate_value, self.logit_factor = gate_value, logit_factor
-        self.errors: list[dict] = []
 
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         block, targets = work.block, work.fit_targets
@@ -291,19 +314,10 @@ class RefitRouter(Stage):
             else:
                 for module, state in zip(changed, first_fit):
                     module.load_state_dict(state)
-        self.errors.append({"layer": work.index, "before": round(before, 6), "after": round(after, 6)})
-
-    def state(self) -> list[dict]:
-        return self.errors
-
-    def restore(self, pipeline: Pipeline, state, done: int) -> None:
-        self.errors = list(state)
-
-    def report(self) -> dict:
-        return {"router_refit_error": self.errors}
+        self.log(work.index, before, after)
 
 
-class Reconstruct(Stage):
+class Reconstruct(LayerErrorLog):
     """Train the layer's block for a few steps towards the dense FFN's outputs on its calibration inputs
     (see cmoe.pipeline.reconstruct); each layer's relative output error before and after goes to the
     carve's record."""
@@ -311,10 +325,11 @@ class Reconstruct(Stage):
     name = "reconstruct"
     needs = frozenset({CALIBRATION, MLP_IO})
     refusal = "--reconstruct-steps fits each carved layer on calibration data: drop --profile or pass 0"
+    record_key = "reconstruction_error"
 
     def __init__(self, options: CarveOptions):
+        super().__init__()
         self.options = options
-        self.errors: list[dict] = []
 
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         options = self.options
@@ -340,16 +355,7 @@ class Reconstruct(Stage):
             )
         pieces = outputs.split([x.shape[:-1].numel() for x in work.inputs])
         work.block_outputs = [piece.view(x.shape) for piece, x in zip(pieces, work.inputs)]
-        self.errors.append({"layer": work.index, "before": round(before, 6), "after": round(after, 6)})
-
-    def state(self) -> list[dict]:
-        return self.errors
-
-    def restore(self, pipeline: Pipeline, state, done: int) -> None:
-        self.errors = list(state)
-
-    def report(self) -> dict:
-        return {"reconstruction_error": self.errors}
+        self.log(work.index, before, after)
 
 
 SELECTION_SAMPLE_TOKENS = 2048
