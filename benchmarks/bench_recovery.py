@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "distill-lora": ["--distill", "1.0"],
     "mixed-lora": ["--distill", "0.5"],
     "lm-full": ["--full"],
+    "mixed-full": ["--full", "--distill", "0.5"],
     "distill-full": ["--full", "--distill", "1.0"],
 }
 CARVES: dict[str, list[str]] = {"preset": ["--preset", "quality"], "reference": []}
