@@ -51,6 +51,10 @@ VARIANTS: dict[str, dict] = {
         "refit_ridge_scale": "feature",
     },
     "--preset quality --nsamples 8": {"preset": "quality", "nsamples": 8},
+    "--preset quality --budget-from (--router linear --budget adaptive)": {
+        "preset": "quality",
+        "budget_from": {"router": "linear", "budget": "adaptive"},
+    },
     "--preset quality --nsamples 32": {"preset": "quality", "nsamples": 32},
     **{
         f"--preset quality --refit-drift {drift:g}": {"preset": "quality", "refit_drift": drift} for drift in (0.5, 1.0)
@@ -158,7 +162,17 @@ def main() -> None:
             preset_windows = cmoe.PRESETS.get(settings.get("preset", "reference")).calibration.get("nsamples")
             windows = settings.pop("nsamples", preset_windows or args.nsamples)
             variant_calibration = calibration_windows(calibration_tokens, windows, args.seqlen, 0)
+            first_pass = settings.pop("budget_from", None)
+            if first_pass is not None:
+                first, _, first_seconds = carve(dense, variant_calibration, shape_name, first_pass)
+                settings["active_per_layer"] = tuple(spec.top_k for spec in first.config.layer_specs)
+                del first
             carved, options, seconds = carve(dense, variant_calibration, shape_name, settings)
+            if first_pass is not None:
+                seconds = {
+                    stage: seconds.get(stage, 0.0) + first_seconds.get(stage, 0.0)
+                    for stage in {*seconds, *first_seconds}
+                }
             carve_s = sum(seconds.get(stage, 0.0) for stage in CARVE_STAGES)
             # One dense forward over the variant's own calibration tokens: the measured one, per window.
             variant_forward_s = dense_forward_s * windows / args.nsamples
@@ -210,8 +224,9 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "dense_stream + refit + reconstruct + budget + propagate, over one dense forward pass over the same "
         "calibration tokens (a variant "
         "with --nsamples 32 against 32 windows' forward: the measured pass per window times 32). "
-        "`--router linear --budget adaptive` was `--preset quality` "
-        "before `--refit-down` existed. Every --reconstruct-steps row also passes "
+        "A --budget-from row carves twice (the options in brackets, then the row's with that carve's active "
+        "experts per layer) and its carve time is both passes'. `--router linear --budget adaptive` was "
+        "`--preset quality` before `--refit-down` existed. Every --reconstruct-steps row also passes "
         f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g} "
         f"--reconstruct-parts {RECONSTRUCTION_50_STEPS['reconstruct_parts']}.",
         "",

@@ -35,7 +35,7 @@ from cmoe.numerics.refit import RIDGE_SCALES
 from cmoe.pipeline.reconstruct import RECONSTRUCTED_PARTS
 from cmoe.pipeline.sequential import PROPAGATIONS
 from cmoe.pipeline.stages import BUDGETS
-from cmoe.recipes import PRESETS, Calibration, Compute, build_carve_recipe
+from cmoe.recipes import PRESETS, Calibration, Compute, active_experts_of, build_carve_recipe
 from cmoe.registry import Registry
 from cmoe.routers import GATINGS, ROUTERS
 from cmoe.shape import MoEShape
@@ -361,6 +361,15 @@ def carve(
             help=_choices(BUDGETS, "Active experts per layer (default uniform); adaptive is not with --refit-down."),
         ),
     ] = None,
+    budget_from: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--budget-from",
+            help="Give each layer the number of active experts an earlier carve chose (its directory or recipe "
+            "file; e.g. one with --budget adaptive), so the refit fits each layer for it: a two-pass adaptive "
+            "budget (--budget uniform only; no --format).",
+        ),
+    ] = None,
     refit_down: Annotated[
         Optional[bool],
         typer.Option(
@@ -502,6 +511,7 @@ def carve(
         "representative": representative,
         "router": router,
         "budget": budget,
+        "active_per_layer": None if budget_from is None else active_experts_of(budget_from),
         "refit_down": refit_down,
         "refit_ridge": refit_ridge,
         "refit_ridge_scale": refit_ridge_scale,

@@ -201,7 +201,7 @@ def carve(
         check_stages(carve_stages(options, profile, compute.batch_size), has_calibration=recipe.calibration is not None)
         prepared = prepare_model(recipe.model, compute.device, compute.dtype, kind="dense")
         dense_config = prepared.config
-        options.check(dense_config.intermediate_size)
+        options.check(dense_config.intermediate_size, dense_config.num_hidden_layers)
         slot.require_space(int(1.05 * estimated_weight_bytes(dense_config, prepared.dtype)))
         portable = recipe.with_overrides(
             model=prepared.source.description, profile=str(profile.resolve()) if profile else None

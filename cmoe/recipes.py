@@ -88,6 +88,7 @@ class CarveOptions:
     representative: str = "centroid"
     router: str = "analytic"
     budget: str = "uniform"
+    active_per_layer: tuple[int, ...] = ()
     refit_down: bool = False
     refit_ridge: float = REFIT_RIDGE
     refit_ridge_scale: str = "mean"
@@ -111,6 +112,7 @@ class CarveOptions:
         self.shape.validated()
         for name, registry in _CHOICES.items():
             registry.check(getattr(self, name))
+        self._check_active_per_layer()
         check_integer("ka", self.ka, 1)
         check_integer("kmeans_iterations", self.kmeans_iterations, 0)
         check_integer("seed", self.seed, 0)
@@ -157,6 +159,26 @@ class CarveOptions:
                 "only fixes after the last layer: pass --budget uniform or --reconstruct-steps 0"
             )
 
+    def _check_active_per_layer(self) -> None:
+        if not isinstance(self.active_per_layer, (list, tuple)):
+            raise CmoeError(f"active_per_layer {self.active_per_layer!r}: expected a list of integers, one per layer")
+        object.__setattr__(self, "active_per_layer", tuple(self.active_per_layer))
+        if not self.active_per_layer:
+            return
+        routed = self.shape.routed
+        for count in self.active_per_layer:
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= routed:
+                raise CmoeError(
+                    f"--budget-from: {count!r} active experts in a layer; {self.shape.name} has {routed} routed "
+                    "experts (each layer takes 0 to that many)"
+                )
+        if self.budget != "uniform":
+            raise CmoeError("--budget-from fixes every layer's active experts: not with --budget adaptive")
+        if self.rescale:
+            raise CmoeError("--rescale folds n/k for one k into the experts: not with --budget-from")
+        if self.flat_gate:
+            raise CmoeError("--flat-gate scales the routed outputs by one k for every layer: not with --budget-from")
+
     @classmethod
     def resolved(cls, shape: MoEShape, preset: str = "reference", **explicit) -> "CarveOptions":
         """The one place presets are merged: defaults, then the preset's values, then every option given
@@ -174,14 +196,23 @@ class CarveOptions:
             values = {**defaults, **PRESETS.get(preset).options, "preset": preset, **values}
         return replace(self, **values)
 
-    def check(self, intermediate_size: int) -> None:
-        """The checks that need the model's FFN width."""
+    def check(self, intermediate_size: int, num_layers: int) -> None:
+        """The checks that need the model's FFN width and depth."""
         self.shape.validated(intermediate_size)
         check_ka(self.ka, intermediate_size)
+        if self.active_per_layer and len(self.active_per_layer) != num_layers:
+            raise CmoeError(
+                f"--budget-from gives {len(self.active_per_layer)} layers' active experts; the model has {num_layers} "
+                "layers"
+            )
 
-    def layer_spec(self, intermediate_size: int):
-        """The MoE layer spec these options carve an FFN of `intermediate_size` neurons into."""
-        return self.shape.layer_spec(intermediate_size, self.router, self.gating)
+    def layer_spec(self, intermediate_size: int, layer: int | None = None):
+        """The MoE layer spec these options carve an FFN of `intermediate_size` neurons into (layer `layer`'s
+        number of active experts under --budget-from; without a layer, the uniform one)."""
+        spec = self.shape.layer_spec(intermediate_size, self.router, self.gating)
+        if self.active_per_layer and layer is not None:
+            return replace(spec, top_k=self.active_per_layer[layer])
+        return spec
 
     def needed_statistics(self) -> tuple[str, ...]:
         """The optional streaming statistics (see ActivationStats) these options read."""
@@ -202,6 +233,16 @@ class CarveOptions:
         shape = MoEShape.parse(str(values.pop("config")))
         reject_unknown_keys(cls, values, "carve options")
         return cls(shape=shape, **values)
+
+
+def active_experts_of(carved: str | Path) -> tuple[int, ...]:
+    """Each layer's number of active routed experts in an earlier carve (its recipe file or directory): the
+    second pass of a two-pass budget (carve with --budget adaptive, then with the refit at its allocation)."""
+    record = read_recipe(carved)
+    counts = record.get("active_experts_per_layer")
+    if not isinstance(counts, list) or not counts:
+        raise CmoeError(f"--budget-from {carved}: not a carve's recipe (no active_experts_per_layer)")
+    return tuple(counts)
 
 
 def check_ka(ka: int, intermediate_size: int) -> None:

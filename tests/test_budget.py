@@ -10,7 +10,10 @@ from cmoe.numerics.budget import allocate_active_experts, selection_errors
 from cmoe import Calibration, Compute, run_carve
 from cmoe.shape import MoEShape
 from cmoe.errors import CmoeError
-from cmoe.recipes import CarveOptions
+from cmoe.calibration import calibration_windows, load_text, tokenize_text
+from cmoe.export import check_options_exportable
+from cmoe.io.loading import load_tokenizer, resolve_source
+from cmoe.recipes import CarveOptions, active_experts_of
 
 from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
 
@@ -78,3 +81,47 @@ def test_adaptive_budget_refuses_a_profile(tmp_path):
     options = CarveOptions(MoEShape.parse("S1A1E4"), budget="adaptive")
     with pytest.raises(CmoeError, match="--budget adaptive"):
         run_carve(str(TINYSTORIES_MODEL), tmp_path / "x", options, None, tmp_path / "missing.safetensors", CPU)
+
+
+def test_budget_from_refits_each_layer_for_an_earlier_carves_allocation(tmp_path):
+    """The two-pass budget: the adaptive carve's allocation, then the refit fits each layer for its own k,
+    which lowers the loss against the same allocation imposed after a uniform refit."""
+    calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
+    shape = MoEShape.parse("S1A1E4")
+    first = run_carve(
+        str(TINYSTORIES_MODEL), tmp_path / "first", CarveOptions(shape, budget="adaptive"), calibration, compute=CPU
+    )
+    allocation = active_experts_of(tmp_path / "first")
+    assert list(allocation) == first["active_experts_per_layer"] and allocation != (1, 1)
+    refit = {"router": "linear", "refit_down": True}
+    options = CarveOptions(shape, active_per_layer=allocation, **refit)
+    second = run_carve(str(TINYSTORIES_MODEL), tmp_path / "second", options, calibration, compute=CPU)
+    assert second["active_experts_per_layer"] == list(allocation)
+    assert cmoe.read_recipe(tmp_path / "second")["recipe"]["options"]["active_per_layer"] == list(allocation)
+    assert "fixed by --budget-from" in (tmp_path / "second" / "README.md").read_text()
+    run_carve(str(TINYSTORIES_MODEL), tmp_path / "uniform", CarveOptions(shape, **refit), calibration, compute=CPU)
+    imposed = cmoe.load_carved(tmp_path / "uniform")
+    for layer, k in zip(imposed.model.layers, allocation):
+        layer.mlp.top_k = k
+    model = cmoe.load_carved(tmp_path / "second")
+    tokenizer = load_tokenizer(resolve_source(str(TINYSTORIES_MODEL)))
+    windows = calibration_windows(tokenize_text(load_text(str(TINYSTORIES_TRAIN), "train").text, tokenizer), 4, 64, 0)
+    with torch.no_grad():
+        assert model(windows, labels=windows).loss < imposed(windows, labels=windows).loss
+        assert torch.equal(model(windows).logits, cmoe.load_carved(tmp_path / "second")(windows).logits)
+
+
+def test_budget_from_is_checked_before_carving(tmp_path):
+    shape = MoEShape.parse("S1A1E4")
+    with pytest.raises(CmoeError, match="has 3 routed experts"):
+        CarveOptions(shape, active_per_layer=(1, 4))
+    with pytest.raises(CmoeError, match="not with --budget adaptive"):
+        CarveOptions(shape, active_per_layer=(1, 1), budget="adaptive")
+    with pytest.raises(CmoeError, match="the model has 2 layers"):
+        CarveOptions(shape, active_per_layer=(1, 1, 1)).check(384, 2)
+    with pytest.raises(CmoeError, match="its own top-k"):
+        check_options_exportable(CarveOptions(shape, router="linear-gate", active_per_layer=(2, 0)), "qwen2-moe")
+    assert CarveOptions.from_dict(CarveOptions(shape, active_per_layer=(2, 0)).to_dict()).active_per_layer == (2, 0)
+    (tmp_path / "recipe.yaml").write_text("kind: profile\n")
+    with pytest.raises(CmoeError, match="no active_experts_per_layer"):
+        active_experts_of(tmp_path / "recipe.yaml")

@@ -109,6 +109,8 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
         (["carve", M, "-o", "{out}", "--kmeans-iterations", "-1", *CAL], "--kmeans-iterations -1"),
         (["carve", M, "-o", "{out}", "--budget", "greedy", *CAL], "--budget greedy"),
         (["carve", M, "-o", "{out}", "--refit-down", "--budget", "adaptive", *CAL], "--refit-down"),
+        (["carve", M, "-o", "{out}", "--budget-from", "{tmp}/nowhere", *CAL], "no such recipe file"),
+        (["carve", M, "-o", "{out}", "--budget-from", "{tmp}/short.txt", *CAL], "not a cmoe recipe"),
         (["carve", M, "-o", "{out}", "--preset", "quality", "--profile", "{tmp}/short.txt"], "--no-refit-down"),
         (["profile", M, "-o", "{out}", "--statistic", "energy", *CAL], "--statistic energy"),
     ],

@@ -45,9 +45,9 @@ def whole_model_carve(model_dir, out, options):
     return carved
 
 
-@pytest.mark.parametrize("shape", ["S1A1E8", "S2A2E8"])
-def test_a_lazy_carve_writes_the_bits_of_a_whole_model_carve(sharded_model_dir, tmp_path, shape):
-    options = CarveOptions(MoEShape.parse(shape), router="linear", refit_down=True)
+@pytest.mark.parametrize("shape,drift", [("S1A1E8", 0.0), ("S2A2E8", 0.0), ("S2A2E8", 0.5)])
+def test_a_lazy_carve_writes_the_bits_of_a_whole_model_carve(sharded_model_dir, tmp_path, shape, drift):
+    options = CarveOptions(MoEShape.parse(shape), router="linear", refit_down=True, refit_drift=drift)
     record = cmoe.run_carve(str(sharded_model_dir), tmp_path / "lazy", options, CALIBRATION, compute=Compute("cpu"))
     assert record["loading"] == "per layer (lazy)"
     whole_model_carve(sharded_model_dir, tmp_path / "whole", options)

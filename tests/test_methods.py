@@ -133,7 +133,7 @@ def carve_tiny(method: str, config: str, **options):
     model = tiny_llama(intermediate_size=50)
     windows = torch.randint(0, 97, (3, 32), generator=torch.Generator().manual_seed(1))
     carve_options = CarveOptions(MoEShape.parse(config), ka=4, method=method, **options)
-    carve_options.check(50)
+    carve_options.check(50, model.config.num_hidden_layers)
     with torch.no_grad():
         reference = model(windows).logits
         carved = carve_model(model, windows, carve_options, 2)

@@ -199,7 +199,7 @@ def test_refit_refuses_a_profile_and_the_adaptive_budget(tmp_path):
     with pytest.raises(CmoeError, match="--refit-down"):
         run_carve(str(TINYSTORIES_MODEL), tmp_path / "x", options, None, tmp_path / "missing.safetensors", CPU)
     with pytest.raises(CmoeError, match="--budget uniform"):
-        CarveOptions(MoEShape.parse("S1A1E4"), refit_down=True, budget="adaptive").check(384)
+        CarveOptions(MoEShape.parse("S1A1E4"), refit_down=True, budget="adaptive").check(384, 2)
 
 
 def _last_layer_outputs(model, windows: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,8 @@ def check_options_exportable(options, fmt_name: str) -> None:
         refuse(f"--router {options.router} is not the format's linear gate", "pass --router linear-gate")
     if options.budget != "uniform":
         refuse("--budget adaptive gives each layer its own top-k", "pass --budget uniform")
+    if options.active_per_layer:
+        refuse("--budget-from gives each layer its own top-k", "carve without it")
     if options.shape.shared and not fmt.shared_block:
         refuse(f"{options.shape.name} has shared experts", "carve with S0 (no shared experts)")
     if options.gating != fmt.gating and options.shape.active != 1:

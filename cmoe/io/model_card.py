@@ -295,6 +295,7 @@ def _carved_description(record: dict, config: CMoEConfig) -> str:
     dense_ffn = text_config.intermediate_size
     active = mean_active_neurons(config)
     per_layer = ", ".join(str(layer.top_k) if layer else "dense" for layer in config.layer_specs)
+    budget = "fixed by --budget-from" if record.get("active_per_layer") else f"budget {record.get('budget', 'uniform')}"
     calibration = record.get("calibration") or {}
     source = source_name(record.get("source_model"))
     shape = (
@@ -329,7 +330,7 @@ arXiv 2502.04416) from the dense `{text_config.model_type}` model `{source}`.
 | configuration | {shape} |
 | FFN neurons per layer | {widths} |
 | active FFN neurons per token | {active:g} of {dense_ffn} ({active / dense_ffn:.1%}), mean over layers |
-| active routed experts per layer | {per_layer} (budget {record.get("budget", "uniform")}) |
+| active routed experts per layer | {per_layer} ({budget}) |
 | construction method | {method} |
 | router | {spec.router} ({router}) |
 | K_a | {record.get("ka")} |

@@ -144,8 +144,8 @@ class BuildBlock(Stage):
     def restore(self, pipeline: Pipeline, state, done: int) -> None:
         """The layers a resumed carve skips were written already: they keep only their block's shape."""
         config = pipeline.model.config
-        spec = self.options.layer_spec(config.intermediate_size)
-        for layer in list(pipeline.layers)[:done]:
+        for index, layer in enumerate(list(pipeline.layers)[:done]):
+            spec = self.options.layer_spec(config.intermediate_size, index)
             with torch.device("meta"):
                 layer.mlp = CMoEBlock(config.hidden_size, config.hidden_act, spec)
 
@@ -488,7 +488,7 @@ def carve_block(
     method = METHODS.get(options.method)
     partition = method(stats, options, dense=dense, importance=importance, layer=layer)
     check_partition(partition, stats.num_neurons, method.overlapping)
-    spec = options.layer_spec(dense.gate_proj.weight.shape[0])
+    spec = options.layer_spec(dense.gate_proj.weight.shape[0], layer)
     return build_block(dense, partition, spec, hidden_act, stats, seed=layer_seed(options.seed, layer))
 
 
