@@ -15,6 +15,7 @@ is written from every row of the log.
 """
 
 import argparse
+from collections import Counter
 import copy
 import json
 import tempfile
@@ -169,10 +170,7 @@ def main() -> None:
                 del first
             carved, options, seconds = carve(dense, variant_calibration, shape_name, settings)
             if first_pass is not None:
-                seconds = {
-                    stage: seconds.get(stage, 0.0) + first_seconds.get(stage, 0.0)
-                    for stage in {*seconds, *first_seconds}
-                }
+                seconds = dict(Counter(seconds) + Counter(first_seconds))
             carve_s = sum(seconds.get(stage, 0.0) for stage in CARVE_STAGES)
             # One dense forward over the variant's own calibration tokens: the measured one, per window.
             variant_forward_s = dense_forward_s * windows / args.nsamples

@@ -16,6 +16,16 @@ TINYSTORIES_VALID = FIXTURES / "text" / "TinyStories-valid-excerpt.txt"
 WIKI_VALID = FIXTURES / "text" / "wiki.valid-first-128KiB.tokens"
 
 
+def tinystories_calibration_windows(calibration: Calibration) -> torch.Tensor:
+    """The windows a carve of the TinyStories model reads for `calibration` (a local text)."""
+    from cmoe.calibration import calibration_windows, load_text, tokenize_text
+    from cmoe.io.loading import load_tokenizer, resolve_source
+
+    tokenizer = load_tokenizer(resolve_source(str(TINYSTORIES_MODEL)))
+    tokens = tokenize_text(load_text(calibration.source, "train").text, tokenizer)
+    return calibration_windows(tokens, calibration.nsamples, calibration.seqlen, calibration.seed)
+
+
 def tiny_llama(seed: int = 0, intermediate_size: int = 48, layers: int = 2) -> LlamaForCausalLM:
     """A random fp32 LLaMA small enough to carve in milliseconds."""
     torch.manual_seed(seed)

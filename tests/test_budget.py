@@ -10,12 +10,10 @@ from cmoe.numerics.budget import allocate_active_experts, selection_errors
 from cmoe import Calibration, Compute, run_carve
 from cmoe.shape import MoEShape
 from cmoe.errors import CmoeError
-from cmoe.calibration import calibration_windows, load_text, tokenize_text
 from cmoe.export import check_options_exportable
-from cmoe.io.loading import load_tokenizer, resolve_source
 from cmoe.recipes import CarveOptions, active_experts_of
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, tinystories_calibration_windows
 
 CPU = Compute(device="cpu", dtype="float32", batch_size=2)
 
@@ -104,8 +102,7 @@ def test_budget_from_refits_each_layer_for_an_earlier_carves_allocation(tmp_path
     for layer, k in zip(imposed.model.layers, allocation):
         layer.mlp.top_k = k
     model = cmoe.load_carved(tmp_path / "second")
-    tokenizer = load_tokenizer(resolve_source(str(TINYSTORIES_MODEL)))
-    windows = calibration_windows(tokenize_text(load_text(str(TINYSTORIES_TRAIN), "train").text, tokenizer), 4, 64, 0)
+    windows = tinystories_calibration_windows(calibration)
     with torch.no_grad():
         assert model(windows, labels=windows).loss < imposed(windows, labels=windows).loss
         assert torch.equal(model(windows).logits, cmoe.load_carved(tmp_path / "second")(windows).logits)

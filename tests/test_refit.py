@@ -21,7 +21,14 @@ from cmoe.pipeline.stages import carve_stages
 from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations, solve_down_projection
 from cmoe.numerics.router_fit import best_selection, ridge_solve, selection_benefit
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, save_tiny_model, tiny_llama, weights_of
+from conftest import (
+    TINYSTORIES_MODEL,
+    TINYSTORIES_TRAIN,
+    save_tiny_model,
+    tiny_llama,
+    tinystories_calibration_windows,
+    weights_of,
+)
 
 CPU = Compute(device="cpu", dtype="float32", batch_size=2)
 
@@ -176,11 +183,7 @@ def test_refit_leaves_a_block_that_already_matches_its_targets_unchanged():
 
 def test_carve_with_refit_lowers_calibration_loss_and_reloads(tmp_path):
     calibration = Calibration(str(TINYSTORIES_TRAIN), nsamples=4, seqlen=64, seed=0)
-    from cmoe.calibration import calibration_windows, load_text, tokenize_text
-    from cmoe.io.loading import load_tokenizer, resolve_source
-
-    tokenizer = load_tokenizer(resolve_source(str(TINYSTORIES_MODEL)))
-    windows = calibration_windows(tokenize_text(load_text(str(TINYSTORIES_TRAIN), "train").text, tokenizer), 4, 64, 0)
+    windows = tinystories_calibration_windows(calibration)
     results = {}
     for refit in (False, True):
         options = CarveOptions(MoEShape.parse("S1A1E8"), router="linear", refit_down=refit)
