@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
         "budget_from": {"router": "linear", "budget": "adaptive"},
     },
     "--preset quality --nsamples 32": {"preset": "quality", "nsamples": 32},
+    "--preset quality --shared-width adaptive": {"preset": "quality", "shared_width": "adaptive"},
     **{
         f"--preset quality --refit-drift {drift:g}": {"preset": "quality", "refit_drift": drift} for drift in (0.5, 1.0)
     },
@@ -73,6 +74,7 @@ CARVE_STAGES = (
     "capture",
     "profile",
     "group",
+    "shared_width",
     "dense_stream",
     "refit",
     "refit_router",
@@ -106,10 +108,11 @@ def carve(dense, calibration: torch.Tensor, shape_name: str, variant: dict) -> t
     return carved, options, timer.seconds
 
 
-def router_multiply_adds(options, hidden_size: int) -> int:
-    """Per token and layer: the analytic router computes 2 rows per routed expert, the linear one 1."""
+def router_multiply_adds(options, specs, hidden_size: int) -> float:
+    """Per token and layer, mean over layers: the analytic router computes 2 rows per routed expert, the
+    linear one 1."""
     rows = 2 if options.router == "analytic" else 1
-    return rows * options.shape.routed * hidden_size
+    return rows * sum(spec.num_experts for spec in specs) / len(specs) * hidden_size
 
 
 def main() -> None:
@@ -184,7 +187,10 @@ def main() -> None:
                 "dense_forward_s": dense_forward_s,
                 "active_neurons": mean_active_neurons(carved.config),
                 "active_experts_per_layer": [spec.top_k for spec in carved.config.layer_specs],
-                "router_madds": router_multiply_adds(options, config.hidden_size),
+                "shared_experts_per_layer": [
+                    spec.shared_size // spec.expert_size for spec in carved.config.layer_specs
+                ],
+                "router_madds": router_multiply_adds(options, carved.config.layer_specs, config.hidden_size),
                 **{name: perplexity(carved, windows) for name, windows in evaluations.items()},
             }
             rows.append(row)
@@ -247,12 +253,29 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
             "\\* logged before runs recorded their own dense forward time: timed against the dense forward pass of "
             "the run that wrote this table.",
         ]
-    adaptive = [row for row in rows if len(set(row.get("active_experts_per_layer", [0]))) > 1]
-    if adaptive:
+
+    def varies(row: dict, key: str) -> bool:
+        return len(set(row.get(key, [0]))) > 1
+
+    budgeted = [
+        row for row in rows if varies(row, "active_experts_per_layer") and not varies(row, "shared_experts_per_layer")
+    ]
+    if budgeted:
         lines += ["", "Active routed experts per layer (layer 0 first) chosen by the adaptive budget:", ""]
         lines += [
             f"- {row['config']} {row['variant']}: {' '.join(map(str, row['active_experts_per_layer']))}"
-            for row in adaptive
+            for row in budgeted
+        ]
+    widened = [row for row in rows if varies(row, "shared_experts_per_layer")]
+    if widened:
+        lines += [
+            "",
+            "Shared experts per layer (layer 0 first; active routed experts: the shape's total minus these):",
+            "",
+        ]
+        lines += [
+            f"- {row['config']} {row['variant']}: {' '.join(map(str, row['shared_experts_per_layer']))}"
+            for row in widened
         ]
     return "\n".join(lines)
 

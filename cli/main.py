@@ -34,7 +34,7 @@ from cmoe.numerics.reconstruction import TOKEN_WEIGHTINGS
 from cmoe.numerics.refit import RIDGE_SCALES
 from cmoe.pipeline.reconstruct import RECONSTRUCTED_PARTS
 from cmoe.pipeline.sequential import PROPAGATIONS
-from cmoe.pipeline.stages import BUDGETS
+from cmoe.pipeline.stages import BUDGETS, SHARED_WIDTHS
 from cmoe.recipes import PRESETS, Calibration, Compute, active_experts_of, build_carve_recipe
 from cmoe.registry import Registry
 from cmoe.routers import GATINGS, ROUTERS
@@ -370,6 +370,17 @@ def carve(
             "budget (--budget uniform only; no --format).",
         ),
     ] = None,
+    shared_width: Annotated[
+        Optional[str],
+        typer.Option(
+            "--shared-width",
+            help=_choices(
+                SHARED_WIDTHS,
+                "Shared experts per layer (default uniform); adaptive scores each layer's candidates on the "
+                "calibration tokens (--budget uniform only; no --format).",
+            ),
+        ),
+    ] = None,
     refit_down: Annotated[
         Optional[bool],
         typer.Option(
@@ -512,6 +523,7 @@ def carve(
         "router": router,
         "budget": budget,
         "active_per_layer": None if budget_from is None else active_experts_of(budget_from),
+        "shared_width": shared_width,
         "refit_down": refit_down,
         "refit_ridge": refit_ridge,
         "refit_ridge_scale": refit_ridge_scale,

@@ -269,6 +269,8 @@ def carve(
                     record,
                 )
                 record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
+                experts = options.shape.experts
+                record["shared_experts_per_layer"] = [experts - spec.num_experts for spec in carved.config.layer_specs]
                 record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
                 record["recipe"] = portable.to_dict()
                 with timer.stage("save"):

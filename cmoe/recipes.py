@@ -29,7 +29,7 @@ from cmoe.numerics.reconstruction import TOKEN_WEIGHTINGS
 from cmoe.numerics.refit import REFIT_RIDGE, RIDGE_SCALES
 from cmoe.pipeline.reconstruct import RECONSTRUCTED_PARTS
 from cmoe.pipeline.sequential import PROPAGATIONS
-from cmoe.pipeline.stages import BUDGETS
+from cmoe.pipeline.stages import BUDGETS, SHARED_WIDTHS
 from cmoe.registry import Registry
 from cmoe.routers import GATINGS, ROUTERS
 from cmoe.shape import MoEShape
@@ -65,6 +65,7 @@ _CHOICES = {
     "representative": REPRESENTATIVES,
     "router": ROUTERS,
     "budget": BUDGETS,
+    "shared_width": SHARED_WIDTHS,
     "preset": PRESETS,
     "propagate": PROPAGATIONS,
     "gating": GATINGS,
@@ -89,6 +90,7 @@ class CarveOptions:
     router: str = "analytic"
     budget: str = "uniform"
     active_per_layer: tuple[int, ...] = ()
+    shared_width: str = "uniform"
     refit_down: bool = False
     refit_ridge: float = REFIT_RIDGE
     refit_ridge_scale: str = "mean"
@@ -153,10 +155,33 @@ class CarveOptions:
                 "--refit-down fits each layer for its number of active experts, which --budget adaptive only fixes "
                 "after the last layer: pass --budget uniform or --no-refit-down"
             )
+        self._check_shared_width()
         if self.reconstruct_steps and self.budget == "adaptive":
             raise CmoeError(
                 "--reconstruct-steps trains each layer for its number of active experts, which --budget adaptive "
                 "only fixes after the last layer: pass --budget uniform or --reconstruct-steps 0"
+            )
+
+    def _check_shared_width(self) -> None:
+        if self.shared_width == "uniform":
+            return
+        method = METHODS.get(self.method)
+        if not method.shared_block:
+            raise CmoeError(f"--shared-width adaptive varies the shared block: --method {self.method} builds none")
+        if method.needs_gradients:
+            raise CmoeError(
+                f"--shared-width adaptive: --method {self.method} ranks neurons by a gradient pass made for one "
+                "shape; pass --method cmoe"
+            )
+        if self.budget != "uniform" or self.active_per_layer:
+            raise CmoeError(
+                "--shared-width adaptive keeps each layer's active experts at the shape's total: only with "
+                "--budget uniform and no --budget-from"
+            )
+        if self.rescale or self.flat_gate:
+            raise CmoeError(
+                "--rescale and --flat-gate scale the routed outputs by one k for every layer: not with "
+                "--shared-width adaptive"
             )
 
     def _check_active_per_layer(self) -> None:

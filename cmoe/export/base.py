@@ -167,6 +167,8 @@ def check_options_exportable(options, fmt_name: str) -> None:
         refuse("--budget adaptive gives each layer its own top-k", "pass --budget uniform")
     if options.active_per_layer:
         refuse("--budget-from gives each layer its own top-k", "carve without it")
+    if options.shared_width != "uniform":
+        refuse("--shared-width adaptive gives each layer its own shared block", "pass --shared-width uniform")
     if options.shape.shared and not fmt.shared_block:
         refuse(f"{options.shape.name} has shared experts", "carve with S0 (no shared experts)")
     if options.gating != fmt.gating and options.shape.active != 1:

@@ -305,6 +305,12 @@ def _carved_description(record: dict, config: CMoEConfig) -> str:
     widths = (
         f"{dense_ffn} dense; shared block {spec.shared_size}, {spec.num_experts} routed experts of {spec.expert_size}"
     )
+    if len({layer.shared_size for layer in config.layer_specs if layer}) > 1:
+        experts = record.get("experts")
+        shared = ", ".join(str(experts - layer.num_experts) if layer else "dense" for layer in config.layer_specs)
+        budget = "the shape's active total split per layer by --shared-width adaptive"
+        widths = f"{dense_ffn} dense; experts of {spec.expert_size}, shared experts per layer {shared}"
+        widths += " (--shared-width adaptive)"
     method = record.get("method", "cmoe")
     if record.get("rescale"):
         method += ", routed outputs rescaled by n/k"

@@ -6,6 +6,7 @@ them (see `carve_stages`). Numerics come from cmoe.numerics; this module moves t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -18,7 +19,7 @@ from cmoe.io.carved import layer_tensors
 from cmoe.io.profile_format import ProfileFile, StreamingSafetensorsWriter, write_layer
 from cmoe.io.shards import ShardWriter
 from cmoe.methods import METHODS
-from cmoe.modeling.configuration_cmoe import CMoEConfig
+from cmoe.modeling.configuration_cmoe import CMoEConfig, MoELayerSpec
 from cmoe.modeling.modeling_cmoe import CMoEBlock, CMoEForCausalLM
 from cmoe.numerics.budget import allocate_active_experts, selection_errors
 from cmoe.numerics.grouping import check_partition, layer_seed
@@ -36,6 +37,7 @@ from cmoe.pipeline.reconstruct import reconstruct_block
 from cmoe.pipeline.runner import decoder_of
 from cmoe.pipeline.sequential import CALIBRATION, MLP_IO, LayerWork, Pipeline, Stage, StatisticsRequest
 from cmoe.registry import Registry
+from cmoe.shape import MoEShape
 
 if TYPE_CHECKING:
     from cmoe.recipes import CarveOptions
@@ -124,6 +126,7 @@ class BuildBlock(Stage):
 
     name = "group"
     builds_block = True
+    needs_targets = False
 
     def __init__(self, options: CarveOptions, gradients: GradientImportance | None = None):
         self.options = options
@@ -141,13 +144,88 @@ class BuildBlock(Stage):
         # are 3 GiB at 70B's width) before the refit needs its own d_h x d_h system.
         work.stats = None
 
+    def layer_options(self, index: int) -> CarveOptions:
+        """The options layer `index` was carved with."""
+        return self.options
+
     def restore(self, pipeline: Pipeline, state, done: int) -> None:
         """The layers a resumed carve skips were written already: they keep only their block's shape."""
         config = pipeline.model.config
         for index, layer in enumerate(list(pipeline.layers)[:done]):
-            spec = self.options.layer_spec(config.intermediate_size, index)
+            spec = self.layer_options(index).layer_spec(config.intermediate_size, index)
             with torch.device("meta"):
                 layer.mlp = CMoEBlock(config.hidden_size, config.hidden_act, spec)
+
+
+SHARED_SAMPLE_TOKENS = 8192
+
+
+class AdaptiveSharedBlock(BuildBlock):
+    """--shared-width adaptive: carve each layer with every shared-expert count within one of the shape's,
+    at the same number of active experts per token (shared + routed, so the same FFN cost), and keep the
+    block with the lowest error on the calibration tokens. Each candidate is refitted on one token sample
+    when the carve refits, and scored on another, disjoint one (each token's error relative to its
+    residual stream's energy, as the adaptive budget measures it); the block kept is the unrefitted one,
+    which the carve's own stages then fit on every token. Each layer's candidates and their errors go to
+    the carve's record (`shared_width_errors`)."""
+
+    name = "shared_width"
+    needs = frozenset({CALIBRATION, MLP_IO})
+    needs_targets = True
+    refusal = (
+        "--shared-width adaptive scores each layer's candidates on calibration data: drop --profile or pass "
+        "--shared-width uniform"
+    )
+
+    def __init__(self, options: CarveOptions):
+        super().__init__(options)
+        self.chosen: list[int] = []
+        self.errors: list[dict] = []
+
+    def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
+        options = self.options
+        with pipeline.timer.stage(self.name):
+            dense = work.dense.to(pipeline.device)
+            residual = [batch.hidden for batch in pipeline.runner.batches]
+            samples = [
+                _sampled_rows(tensors, 2 * SHARED_SAMPLE_TOKENS).to(pipeline.device)
+                for tensors in (work.inputs, work.fit_targets, residual)
+            ]
+            samples[2] = samples[2].square().sum(dim=1, keepdim=True)
+            (fit_x, fit_y, _), held_out = [sample[0::2] for sample in samples], [sample[1::2] for sample in samples]
+            scores: dict[int, float] = {}
+            best: int | None = None
+            for shape in shared_candidates(options.shape):
+                candidate = carve_block(
+                    dense, work.stats, replace(options, shape=shape), pipeline.model.config.hidden_act, work.index
+                )
+                scored = candidate
+                if options.refit_down:  # on a copy: the carve's own refit starts from the carved weights
+                    scored = copy.deepcopy(candidate)
+                    refit_down_projections(scored, [fit_x], [fit_y], options.refit_ridge, options.refit_ridge_scale)
+                scores[shape.shared] = held_out_error(scored, *held_out)
+                del scored
+                if best is None or scores[shape.shared] < scores[best]:
+                    best, work.block = shape.shared, candidate
+                candidate = None
+            dense.to("cpu")
+        self.chosen.append(best)
+        candidates = [{"shared": shared, "error": float(f"{error:.6g}")} for shared, error in scores.items()]
+        self.errors.append({"layer": work.index, "chosen": best, "candidates": candidates})
+        work.stats = None
+
+    def layer_options(self, index: int) -> CarveOptions:
+        return replace(self.options, shape=shared_variant(self.options.shape, self.chosen[index]))
+
+    def state(self) -> tuple[list[int], list[dict]]:
+        return self.chosen, self.errors
+
+    def restore(self, pipeline: Pipeline, state, done: int) -> None:
+        self.chosen, self.errors = list(state[0]), list(state[1])
+        super().restore(pipeline, state, done)
+
+    def report(self) -> dict:
+        return {"shared_width_errors": self.errors}
 
 
 class Rescale(Stage):
@@ -394,6 +472,16 @@ class AdaptiveBudget(Stage):
             layer.mlp.top_k = active
 
 
+SHARED_WIDTHS: Registry[Callable[[CarveOptions, GradientImportance | None], BuildBlock]] = Registry(
+    "shared width", "--shared-width"
+)
+SHARED_WIDTHS.register("uniform", "the shape's shared experts in every layer (reference)", BuildBlock)
+SHARED_WIDTHS.register(
+    "adaptive",
+    "per layer, one shared expert fewer, as many or one more (same active experts per token), by measured error",
+    lambda options, gradients: AdaptiveSharedBlock(options),
+)
+
 BUDGETS: Registry[Callable[[CarveOptions], list[Stage]]] = Registry("budget", "--budget")
 BUDGETS.register("uniform", "N_k active experts in every layer (reference)", lambda options: [])
 BUDGETS.register(
@@ -408,6 +496,27 @@ def _sampled_rows(tensors: list[torch.Tensor], limit: int) -> torch.Tensor:
     total = sum(tensor.shape[:-1].numel() for tensor in tensors)
     stride = max(1, -(-total // limit))
     return torch.cat([tensor.reshape(-1, tensor.shape[-1])[::stride].float() for tensor in tensors])
+
+
+def shared_candidates(shape: MoEShape) -> list[MoEShape]:
+    """The shapes --shared-width adaptive tries in a layer: the shape's own first, then one shared expert
+    fewer and one more, each with the same number of active experts per token (at least one routed)."""
+    counts = [shape.shared, shape.shared - 1, shape.shared + 1]
+    return [shared_variant(shape, count) for count in counts if 0 <= count < shape.shared + shape.active]
+
+
+def shared_variant(shape: MoEShape, shared: int) -> MoEShape:
+    """`shape` with `shared` shared experts and the active routed experts that keep its active total."""
+    return MoEShape(shared, shape.shared + shape.active - shared, shape.experts).validated()
+
+
+@torch.no_grad()
+def held_out_error(block: nn.Module, x: torch.Tensor, target: torch.Tensor, energy: torch.Tensor) -> float:
+    """The block's output error on tokens `x` (T, d), each token's squared error over its residual
+    stream's energy `energy` (T, 1), averaged over tokens."""
+    dtype = next(block.parameters()).dtype
+    missed = (block(x.to(dtype)).float() - target).square().sum(dim=1, keepdim=True)
+    return float((missed / energy.clamp_min(1e-12)).mean())
 
 
 @torch.no_grad()
@@ -503,13 +612,18 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
         source: list[Stage] = [SavedStatistics(profile)]
     else:
         source = [Statistics(options.ka, options.statistic, options.needed_statistics())]
-    stages = ([gradients] if gradients else []) + source + [BuildBlock(options, gradients)]
+    stages = ([gradients] if gradients else []) + source
+    builder = SHARED_WIDTHS.get(options.shared_width)(options, gradients)
+    drift = []
+    if options.refit_drift and (options.refit_down or options.reconstruct_steps):
+        drift = [DenseStreamTargets(options.refit_drift)]
+    # A block builder that scores candidates needs the targets first; otherwise the statistics (on the
+    # compute device, GiBs at 70B's width) are freed by the builder before the dense stream's pass.
+    stages += (drift + [builder]) if builder.needs_targets else ([builder] + drift)
     if options.rescale:
         stages.append(Rescale(options.shape.routed / options.shape.active))
     if options.flat_gate:
         stages.append(FlattenGate(options.shape.active))
-    if options.refit_drift and (options.refit_down or options.reconstruct_steps):
-        stages.append(DenseStreamTargets(options.refit_drift))
     if options.refit_down:
         stages.append(Refit(options.refit_ridge, options.refit_ridge_scale, keep_carved=options.refit_router))
     if options.refit_router:
@@ -521,11 +635,17 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
     return stages + BUDGETS.get(options.budget)(options)
 
 
+def block_spec(block: CMoEBlock, spec: MoELayerSpec) -> MoELayerSpec:
+    """The spec of a carved `block` (the options' `spec` with the block's own widths and top-k)."""
+    shared = 0 if block.shared is None else block.shared.gate_proj.weight.shape[0]
+    return replace(spec, shared_size=shared, num_experts=block.num_experts, top_k=block.top_k)
+
+
 def as_carved_model(dense_model: nn.Module, options: CarveOptions) -> CMoEForCausalLM:
     """Wrap the dense model's modules (MLPs already replaced) in the carved architecture, sharing weights."""
     text_config = dense_model.config
     spec = options.layer_spec(text_config.intermediate_size)
-    specs = [replace(spec, top_k=layer.mlp.top_k) for layer in decoder_of(dense_model).layers]
+    specs = [block_spec(layer.mlp, spec) for layer in decoder_of(dense_model).layers]
     config = CMoEConfig(text_config=text_config.to_dict(), cmoe_layers=specs)
     with torch.device("meta"):
         carved = CMoEForCausalLM(config)
