@@ -130,6 +130,7 @@ def main() -> None:
     import cmoe
     from cmoe.calibration import calibration_windows
     from cmoe import mean_active_neurons
+    from cmoe.modeling import shared_experts_per_layer
 
     dense, tokenizer = dense_smollm2()
     config = dense.config
@@ -187,9 +188,7 @@ def main() -> None:
                 "dense_forward_s": dense_forward_s,
                 "active_neurons": mean_active_neurons(carved.config),
                 "active_experts_per_layer": [spec.top_k for spec in carved.config.layer_specs],
-                "shared_experts_per_layer": [
-                    spec.shared_size // spec.expert_size for spec in carved.config.layer_specs
-                ],
+                "shared_experts_per_layer": shared_experts_per_layer(carved.config, options.shape.experts),
                 "router_madds": router_multiply_adds(options, carved.config.layer_specs, config.hidden_size),
                 **{name: perplexity(carved, windows) for name, windows in evaluations.items()},
             }

@@ -25,7 +25,7 @@ from cmoe.io.loading import (
     load_tokenizer,
     prepare_model,
 )
-from cmoe.modeling import mean_active_neurons
+from cmoe.modeling import mean_active_neurons, shared_experts_per_layer
 from cmoe.modeling.configuration_cmoe import CMoEConfig
 from cmoe.modeling.modeling_cmoe import CMoEForCausalLM
 from cmoe.io.recipe_file import recipe_text
@@ -269,8 +269,7 @@ def carve(
                     record,
                 )
                 record["active_experts_per_layer"] = [spec.top_k for spec in carved.config.layer_specs]
-                experts = options.shape.experts
-                record["shared_experts_per_layer"] = [experts - spec.num_experts for spec in carved.config.layer_specs]
+                record["shared_experts_per_layer"] = shared_experts_per_layer(carved.config, options.shape.experts)
                 record["mean_active_ffn_neurons"] = mean_active_neurons(carved.config)
                 record["recipe"] = portable.to_dict()
                 with timer.stage("save"):

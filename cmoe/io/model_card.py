@@ -26,7 +26,7 @@ from transformers import PreTrainedConfig
 from cmoe.errors import CmoeError
 from cmoe.io.artifacts import log
 from cmoe.io.recipe_file import RECIPE_FILE, has_recipe, read_recipe, recipe_text, replace_files
-from cmoe.modeling import CMoEConfig, mean_active_neurons
+from cmoe.modeling import CMoEConfig, mean_active_neurons, shared_experts_per_layer
 from cmoe.routers import ROUTERS
 
 if TYPE_CHECKING:
@@ -306,8 +306,8 @@ def _carved_description(record: dict, config: CMoEConfig) -> str:
         f"{dense_ffn} dense; shared block {spec.shared_size}, {spec.num_experts} routed experts of {spec.expert_size}"
     )
     if len({layer.shared_size for layer in config.layer_specs if layer}) > 1:
-        experts = record.get("experts")
-        shared = ", ".join(str(experts - layer.num_experts) if layer else "dense" for layer in config.layer_specs)
+        counts = shared_experts_per_layer(config, record.get("experts"))
+        shared = ", ".join("dense" if count is None else str(count) for count in counts)
         budget = "the shape's active total split per layer by --shared-width adaptive"
         widths = f"{dense_ffn} dense; experts of {spec.expert_size}, shared experts per layer {shared}"
         widths += " (--shared-width adaptive)"

@@ -17,4 +17,18 @@ def mean_active_neurons(config: CMoEConfig) -> float:
     return sum(widths) / len(widths)
 
 
-__all__ = ["CMoEBlock", "CMoEConfig", "CMoEForCausalLM", "MoELayerSpec", "Router", "mean_active_neurons"]
+def shared_experts_per_layer(config: CMoEConfig, experts: int) -> list[int | None]:
+    """Each layer's number of shared experts in a carve of `experts` experts per layer (None for a dense
+    layer): the experts that are not routed, exact whatever leftover neurons joined the shared block."""
+    return [experts - spec.num_experts if spec else None for spec in config.layer_specs]
+
+
+__all__ = [
+    "CMoEBlock",
+    "CMoEConfig",
+    "CMoEForCausalLM",
+    "MoELayerSpec",
+    "Router",
+    "mean_active_neurons",
+    "shared_experts_per_layer",
+]

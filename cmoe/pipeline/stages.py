@@ -204,10 +204,9 @@ class AdaptiveSharedBlock(BuildBlock):
                     scored = copy.deepcopy(candidate)
                     refit_down_projections(scored, [fit_x], [fit_y], options.refit_ridge, options.refit_ridge_scale)
                 scores[shape.shared] = held_out_error(scored, *held_out)
-                del scored
                 if best is None or scores[shape.shared] < scores[best]:
                     best, work.block = shape.shared, candidate
-                candidate = None
+                scored = candidate = None  # only the best block so far stays on the device
             dense.to("cpu")
         self.chosen.append(best)
         candidates = [{"shared": shared, "error": float(f"{error:.6g}")} for shared, error in scores.items()]
