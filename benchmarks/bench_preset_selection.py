@@ -1,8 +1,9 @@
 """How `--preset quality` was chosen: candidate option sets scored on held-out wiki.valid windows only.
 
 The calibration windows (8 x 2,048 tokens of wiki.valid.tokens, seed 0) are the ablation's (a candidate
-may ask for more: the first 16 or 32 of the same seeded draw); the held-out windows are the last --heldout
-consecutive 2,048-token windows of wiki.valid.tokens that overlap none of the 32 calibration windows. No
+may ask for more: the first 16 or 32 of the same seeded draw; beyond 32 the draw goes on, skipping every
+window that overlaps a held-out one); the held-out windows are the last --heldout consecutive 2,048-token
+windows of wiki.valid.tokens that overlap none of the first 32 calibration windows. No
 evaluation text of the ablation table (wiki.test.raw, the TinyStories excerpt) is read here. The preset is
 the candidate with the smallest summed log held-out
 perplexity over the configurations. Carve time is measured by bench_ablation.py, not here: balanced
@@ -57,6 +58,9 @@ CANDIDATES: dict[str, dict] = {
         "refit_router": True,
         "nsamples": 8,
     },
+    "quality + 32 windows + drift 0.75": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.75, "nsamples": 32},
+    "quality + 64 windows + drift 0.5": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.5, "nsamples": 64},
+    "quality + 64 windows + drift 0.75": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.75, "nsamples": 64},
     "quality + 32 windows + drift 0.5 + router refit": {
         **QUALITY_BEFORE_DRIFT,
         "refit_drift": 0.5,
@@ -69,8 +73,9 @@ CANDIDATES: dict[str, dict] = {
         **RECONSTRUCTION_50_STEPS,
     },
 }
-# Held-out windows overlap none of the largest calibration draw a candidate uses (a smaller draw of the same
-# seed is its prefix), so that every candidate is scored on the same unseen text.
+# Held-out windows overlap none of the first 32 windows of the seeded draw (a smaller draw of the same seed is
+# its prefix), so that every candidate is scored on the same unseen text; a candidate that asks for more
+# windows continues the draw, skipping the windows that overlap a held-out one (`wider_calibration`).
 MAX_CALIBRATION_WINDOWS = 32
 
 
@@ -87,6 +92,24 @@ def calibration_and_heldout(
         if all((index + 1) * seqlen <= start or index * seqlen >= start + seqlen for start in starts)
     ]
     return calibration, torch.stack(free[-heldout:])
+
+
+def wider_calibration(tokens: torch.Tensor, nsamples: int, seqlen: int, heldout: torch.Tensor) -> torch.Tensor:
+    """`nsamples` windows of the same seeded draw, in its order, leaving out every window that shares a token
+    position with a held-out window: the first 32 are `calibration_and_heldout`'s (none of them overlaps)."""
+    heldout_starts = [
+        index * seqlen
+        for index in range(tokens.numel() // seqlen)
+        if any(torch.equal(tokens[index * seqlen : (index + 1) * seqlen], window) for window in heldout)
+    ]
+    assert len(heldout_starts) == heldout.shape[0]
+    rng = random.Random(0)
+    windows = []
+    while len(windows) < nsamples:
+        start = rng.randint(0, tokens.numel() - seqlen)
+        if all(start + seqlen <= held or start >= held + seqlen for held in heldout_starts):
+            windows.append(tokens[start : start + seqlen])
+    return torch.stack(windows)
 
 
 def main() -> None:
@@ -118,7 +141,12 @@ def main() -> None:
                 if (shape_name, name) in done:
                     continue
                 settings = dict(CANDIDATES[name])
-                calibration = widest[: settings.pop("nsamples", args.nsamples)]
+                windows = settings.pop("nsamples", args.nsamples)
+                calibration = (
+                    widest[:windows]
+                    if windows <= MAX_CALIBRATION_WINDOWS
+                    else wider_calibration(tokens, windows, args.seqlen, heldout)
+                )
                 carved, _, _ = carve(dense, calibration, shape_name, settings)
                 rows.append(
                     {
@@ -148,7 +176,8 @@ def report(rows: list, args, heldout_windows: int) -> str:
     lines = [
         f"Machine: {machine()}.",
         f"SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens (seed 0; a candidate "
-        f"that names more windows takes the first of the same draw); scored on {heldout_windows} held-out windows x "
+        f"that names more windows takes the first of the same draw, beyond {MAX_CALIBRATION_WINDOWS} skipping the "
+        "windows that overlap a held-out one); scored on {heldout_windows} held-out windows x "
         f"{args.seqlen} of wiki.valid.tokens that overlap none of {MAX_CALIBRATION_WINDOWS} calibration windows "
         f"(dense perplexity {dense:.2f}). Score: summed ln(ppl / dense) over {', '.join(configs)}; lowest: "
         f"**{winner}**.",
