@@ -60,7 +60,6 @@ CANDIDATES: dict[str, dict] = {
     },
     "quality + 32 windows + drift 0.75": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.75, "nsamples": 32},
     "quality + 64 windows + drift 0.5": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.5, "nsamples": 64},
-    "quality + 64 windows + drift 0.75": {**QUALITY_BEFORE_DRIFT, "refit_drift": 0.75, "nsamples": 64},
     "quality + 32 windows + drift 0.5 + router refit": {
         **QUALITY_BEFORE_DRIFT,
         "refit_drift": 0.5,
@@ -75,39 +74,31 @@ CANDIDATES: dict[str, dict] = {
 }
 # Held-out windows overlap none of the first 32 windows of the seeded draw (a smaller draw of the same seed is
 # its prefix), so that every candidate is scored on the same unseen text; a candidate that asks for more
-# windows continues the draw, skipping the windows that overlap a held-out one (`wider_calibration`).
+# windows continues the draw, skipping the windows that overlap a held-out one (`calibration_draw`).
 MAX_CALIBRATION_WINDOWS = 32
 
 
-def calibration_and_heldout(
-    tokens: torch.Tensor, nsamples: int, seqlen: int, heldout: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ablation's calibration windows (same seed and draw as `calibration_windows`) and held-out ones."""
+def heldout_starts(tokens: torch.Tensor, seqlen: int, heldout: int) -> list[int]:
+    """The starts of the last `heldout` consecutive windows that overlap none of the seeded draw's first
+    MAX_CALIBRATION_WINDOWS (same seed and draw as `calibration_windows`)."""
     rng = random.Random(0)
-    starts = [rng.randint(0, tokens.numel() - seqlen) for _ in range(nsamples)]
-    calibration = torch.stack([tokens[start : start + seqlen] for start in starts])
+    starts = [rng.randint(0, tokens.numel() - seqlen) for _ in range(MAX_CALIBRATION_WINDOWS)]
     free = [
-        tokens[index * seqlen : (index + 1) * seqlen]
+        index * seqlen
         for index in range(tokens.numel() // seqlen)
         if all((index + 1) * seqlen <= start or index * seqlen >= start + seqlen for start in starts)
     ]
-    return calibration, torch.stack(free[-heldout:])
+    return free[-heldout:]
 
 
-def wider_calibration(tokens: torch.Tensor, nsamples: int, seqlen: int, heldout: torch.Tensor) -> torch.Tensor:
-    """`nsamples` windows of the same seeded draw, in its order, leaving out every window that shares a token
-    position with a held-out window: the first 32 are `calibration_and_heldout`'s (none of them overlaps)."""
-    heldout_starts = [
-        index * seqlen
-        for index in range(tokens.numel() // seqlen)
-        if any(torch.equal(tokens[index * seqlen : (index + 1) * seqlen], window) for window in heldout)
-    ]
-    assert len(heldout_starts) == heldout.shape[0]
+def calibration_draw(tokens: torch.Tensor, nsamples: int, seqlen: int, held: list[int]) -> torch.Tensor:
+    """`nsamples` windows of the seeded draw, in its order, leaving out every window that shares a token
+    position with a held-out one: up to MAX_CALIBRATION_WINDOWS none does, so smaller draws are prefixes."""
     rng = random.Random(0)
     windows = []
     while len(windows) < nsamples:
         start = rng.randint(0, tokens.numel() - seqlen)
-        if all(start + seqlen <= held or start >= held + seqlen for held in heldout_starts):
+        if all(start + seqlen <= other or start >= other + seqlen for other in held):
             windows.append(tokens[start : start + seqlen])
     return torch.stack(windows)
 
@@ -127,8 +118,12 @@ def main() -> None:
 
     dense, tokenizer = dense_smollm2()
     tokens = wiki_valid_tokens(tokenizer)
-    widest, heldout = calibration_and_heldout(tokens, MAX_CALIBRATION_WINDOWS, args.seqlen, args.heldout)
-    assert torch.equal(widest, calibration_windows(tokens, MAX_CALIBRATION_WINDOWS, args.seqlen, 0))
+    held = heldout_starts(tokens, args.seqlen, args.heldout)
+    heldout = torch.stack([tokens[start : start + args.seqlen] for start in held])
+    assert torch.equal(
+        calibration_draw(tokens, MAX_CALIBRATION_WINDOWS, args.seqlen, held),
+        calibration_windows(tokens, MAX_CALIBRATION_WINDOWS, args.seqlen, 0),
+    )
 
     rows = read_log(args.log)
     with args.log.open("a") as log:
@@ -141,12 +136,7 @@ def main() -> None:
                 if (shape_name, name) in done:
                     continue
                 settings = dict(CANDIDATES[name])
-                windows = settings.pop("nsamples", args.nsamples)
-                calibration = (
-                    widest[:windows]
-                    if windows <= MAX_CALIBRATION_WINDOWS
-                    else wider_calibration(tokens, windows, args.seqlen, heldout)
-                )
+                calibration = calibration_draw(tokens, settings.pop("nsamples", args.nsamples), args.seqlen, held)
                 carved, _, _ = carve(dense, calibration, shape_name, settings)
                 rows.append(
                     {
@@ -177,7 +167,7 @@ def report(rows: list, args, heldout_windows: int) -> str:
         f"Machine: {machine()}.",
         f"SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} tokens of wiki.valid.tokens (seed 0; a candidate "
         f"that names more windows takes the first of the same draw, beyond {MAX_CALIBRATION_WINDOWS} skipping the "
-        "windows that overlap a held-out one); scored on {heldout_windows} held-out windows x "
+        f"windows that overlap a held-out one); scored on {heldout_windows} held-out windows x "
         f"{args.seqlen} of wiki.valid.tokens that overlap none of {MAX_CALIBRATION_WINDOWS} calibration windows "
         f"(dense perplexity {dense:.2f}). Score: summed ln(ppl / dense) over {', '.join(configs)}; lowest: "
         f"**{winner}**.",
