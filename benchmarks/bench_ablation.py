@@ -58,6 +58,8 @@ VARIANTS: dict[str, dict] = {
     },
     "--preset quality --nsamples 32": {"preset": "quality", "nsamples": 32},
     "--preset quality --shared-width adaptive": {"preset": "quality", "shared_width": "adaptive"},
+    "--preset quality --refit-router": {"preset": "quality", "refit_router": True},
+    "--preset quality --nsamples 16": {"preset": "quality", "nsamples": 16},
     **{
         f"--preset quality --refit-drift {drift:g}": {"preset": "quality", "refit_drift": drift} for drift in (0.5, 1.0)
     },

@@ -404,6 +404,13 @@ def carve(
             help=_choices(RIDGE_SCALES, "Which feature energy --refit-ridge multiplies (default mean)."),
         ),
     ] = None,
+    refit_weighting: Annotated[
+        Optional[str],
+        typer.Option(
+            "--refit-weighting",
+            help=_choices(TOKEN_WEIGHTINGS, "How --refit-down weighs each token's squared error (default uniform)."),
+        ),
+    ] = None,
     refit_drift: Annotated[
         Optional[float],
         typer.Option(
@@ -527,6 +534,7 @@ def carve(
         "refit_down": refit_down,
         "refit_ridge": refit_ridge,
         "refit_ridge_scale": refit_ridge_scale,
+        "refit_weighting": refit_weighting,
         "refit_drift": refit_drift,
         "refit_router": refit_router,
         "propagate": propagate,

@@ -73,6 +73,8 @@ _CHOICES = {
     "reconstruct_weighting": TOKEN_WEIGHTINGS,
     "refit_ridge_scale": RIDGE_SCALES,
 }
+# Options that choose from a registry another option names its own.
+_SHARED_CHOICES = {"refit_weighting": (TOKEN_WEIGHTINGS, "--refit-weighting")}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class CarveOptions:
     refit_down: bool = False
     refit_ridge: float = REFIT_RIDGE
     refit_ridge_scale: str = "mean"
+    refit_weighting: str = "uniform"
     refit_drift: float = 0.0
     refit_router: bool = False
     preset: str = "reference"
@@ -114,6 +117,8 @@ class CarveOptions:
         self.shape.validated()
         for name, registry in _CHOICES.items():
             registry.check(getattr(self, name))
+        for name, (registry, flag) in _SHARED_CHOICES.items():
+            registry.check(getattr(self, name), flag)
         self._check_active_per_layer()
         check_integer("ka", self.ka, 1)
         check_integer("kmeans_iterations", self.kmeans_iterations, 0)
@@ -127,6 +132,11 @@ class CarveOptions:
             raise CmoeError(f"--refit-drift {self.refit_drift}: must be between 0 and 1")
         if self.refit_drift and self.propagate != "carved":
             raise CmoeError("--refit-drift corrects the carved layers' drift: with --propagate dense there is none")
+        if self.refit_weighting != "uniform" and (not self.refit_down or self.refit_router):
+            raise CmoeError(
+                "--refit-weighting weighs the tokens of the down-projection refit: add --refit-down (not with "
+                "--refit-router, which compares unweighted errors)"
+            )
         if self.refit_router and not self.refit_down:
             raise CmoeError("--refit-router refits the router after the down-projection refit: add --refit-down")
         if self.refit_router and self.router not in LINEAR_ROUTERS:
@@ -183,6 +193,8 @@ class CarveOptions:
                 "--rescale and --flat-gate scale the routed outputs by one k for every layer: not with "
                 "--shared-width adaptive"
             )
+        if self.refit_weighting != "uniform":
+            raise CmoeError("--shared-width adaptive scores its candidates unweighted: not with --refit-weighting")
 
     def _check_active_per_layer(self) -> None:
         if not isinstance(self.active_per_layer, (list, tuple)):

@@ -54,10 +54,11 @@ class Registry(Generic[T]):
         if self._entries.pop(name, None) is not None and self._on_unregister is not None:
             self._on_unregister(name)
 
-    def check(self, name: str) -> str:
-        """`name`, or one CmoeError naming the option and listing the known names."""
+    def check(self, name: str, flag: str | None = None) -> str:
+        """`name`, or one CmoeError naming the option (`flag` where another option than the registry's own
+        chooses from it) and listing the known names."""
         if name not in self._entries:
-            raise CmoeError(f"{self.flag} {name}: expected one of {', '.join(self._entries)}")
+            raise CmoeError(f"{flag or self.flag} {name}: expected one of {', '.join(self._entries)}")
         return name
 
     def get(self, name: str) -> T:

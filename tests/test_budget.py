@@ -13,7 +13,7 @@ from cmoe.errors import CmoeError
 from cmoe.export import check_options_exportable
 from cmoe.recipes import CarveOptions, active_experts_of
 
-from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, tinystories_calibration_windows
+from conftest import TINYSTORIES_MODEL, TINYSTORIES_TRAIN, tiny_llama, tinystories_calibration_windows
 
 CPU = Compute(device="cpu", dtype="float32", batch_size=2)
 
@@ -122,3 +122,20 @@ def test_budget_from_is_checked_before_carving(tmp_path):
     (tmp_path / "recipe.yaml").write_text("kind: profile\n")
     with pytest.raises(CmoeError, match="no active_experts_per_layer"):
         active_experts_of(tmp_path / "recipe.yaml")
+
+
+def test_budget_from_the_uniform_allocation_writes_the_uniform_carves_weights_and_repeats_its_bytes():
+    """Every layer given the shape's own k is the uniform carve, bit for bit; the same command twice, the same bytes."""
+    windows = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    shape = MoEShape.parse("S1A2E4")
+    refit = {"router": "linear", "refit_down": True, "refit_drift": 0.5}
+    uniform = cmoe.carve_model(tiny_llama(seed=3), windows, CarveOptions(shape, **refit)).state_dict()
+    given = [
+        cmoe.carve_model(tiny_llama(seed=3), windows, CarveOptions(shape, active_per_layer=allocation, **refit))
+        for allocation in ((2, 2), (0, 1), (0, 1))
+    ]
+    same, first, again = (model.state_dict() for model in given)
+    assert uniform.keys() == same.keys() and all(torch.equal(uniform[key], same[key]) for key in uniform)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert [layer.mlp.top_k for layer in given[1].model.layers] == [0, 1]
+    assert not all(torch.equal(first[key], uniform[key]) for key in first)

@@ -112,6 +112,8 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
         (["carve", M, "-o", "{out}", "--budget-from", "{tmp}/nowhere", *CAL], "no such recipe file"),
         (["carve", M, "-o", "{out}", "--budget-from", "{tmp}/short.txt", *CAL], "not a cmoe recipe"),
         (["carve", M, "-o", "{out}", "--shared-width", "wide", *CAL], "--shared-width wide"),
+        (["carve", M, "-o", "{out}", "--refit-down", "--refit-weighting", "loss", *CAL], "--refit-weighting loss"),
+        (["carve", M, "-o", "{out}", "--refit-weighting", "residual", *CAL], "add --refit-down"),
         (["carve", M, "-o", "{out}", "--shared-width", "adaptive", "--budget", "adaptive", *CAL], "--budget uniform"),
         (
             [

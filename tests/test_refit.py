@@ -17,7 +17,7 @@ from cmoe.errors import CmoeError
 from cmoe.modeling.configuration_cmoe import MoELayerSpec
 from cmoe.modeling.modeling_cmoe import CMoEBlock
 from cmoe.recipes import CarveOptions
-from cmoe.pipeline.stages import carve_stages
+from cmoe.pipeline.stages import carve_stages, residual_token_weights
 from cmoe.numerics.refit import ArrowGram, DenseGram, Piece, accumulate_normal_equations, solve_down_projection
 from cmoe.numerics.router_fit import best_selection, ridge_solve, selection_benefit
 
@@ -136,6 +136,17 @@ def _random_block(spec: dict) -> CMoEBlock:
     return block
 
 
+def _stacked_features(block: CMoEBlock, x: torch.Tensor) -> torch.Tensor:
+    """Every down projection's input for tokens `x`, side by side (zero where an expert is not routed)."""
+    downs = down_projections(block)
+    stacked = torch.zeros(x.shape[0], sum(down.weight.shape[1] for down in downs))
+    offset = 0
+    for piece, down in zip(routed_pieces(block, x), downs):
+        stacked[piece.rows, offset : offset + piece.features.shape[1]] = piece.features
+        offset += piece.features.shape[1]
+    return stacked
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -153,11 +164,7 @@ def test_pieces_reproduce_the_block_and_the_refit_recovers_other_down_weights(sp
     x = torch.randn(160, 10)
     pieces = routed_pieces(block, x)
     downs = down_projections(block)
-    stacked = torch.zeros(160, sum(down.weight.shape[1] for down in downs))
-    offset = 0
-    for piece, down in zip(pieces, downs):
-        stacked[piece.rows, offset : offset + piece.features.shape[1]] = piece.features
-        offset += piece.features.shape[1]
+    stacked = _stacked_features(block, x)
     with torch.no_grad():
         assert torch.allclose(block(x), stacked @ torch.cat([down.weight for down in downs], dim=1).T, atol=1e-4)
         truth = [torch.randn_like(down.weight) for down in downs]
@@ -380,3 +387,91 @@ def test_router_refit_is_checked_when_the_options_are_built():
     )
     assert [stage.name for stage in carve_stages(flat)][-2:] == ["refit", "refit_router"]
     assert "refit_router" not in [stage.name for stage in carve_stages(CarveOptions(shape, refit_down=True))]
+
+
+def test_weighted_refit_is_the_closed_form_weighted_least_squares():
+    block = _random_block({"num_experts": 4, "top_k": 2, "shared_size": 3, "expert_size": 3})
+    x, target = torch.randn(90, 10), torch.randn(90, 10)
+    weights = torch.rand(90, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        z = _stacked_features(block, x).double()
+        initial = torch.cat([down.weight for down in down_projections(block)], dim=1).double()
+        gram = z.T @ (weights.double()[:, None] * z)
+        penalty = 0.05 * gram.diagonal().mean()
+        expected = torch.linalg.solve(
+            gram + penalty * torch.eye(len(gram), dtype=torch.float64),
+            z.T @ (weights.double()[:, None] * target.double()) + penalty * initial.T,
+        ).T
+        refit_down_projections(
+            block, [x[:50], x[50:]], [target[:50], target[50:]], 0.05, weights=list(weights.split(50))
+        )
+        fitted = torch.cat([down.weight for down in down_projections(block)], dim=1).double()
+    assert torch.allclose(fitted, expected, atol=1e-4)
+
+
+def test_unit_weights_give_the_unweighted_refit_and_a_zero_weight_token_is_ignored():
+    x, target = torch.randn(60, 10), torch.randn(60, 10)
+    moved = target.clone()
+    moved[7] += 100.0
+    fits = []
+    for y, weights in (
+        (target, None),
+        (target, [torch.ones(60)]),
+        (moved, [torch.ones(60).index_fill(0, torch.tensor([7]), 0.0)]),
+        (target, [torch.ones(60).index_fill(0, torch.tensor([7]), 0.0)]),
+    ):
+        block = _random_block({"num_experts": 4, "top_k": 1, "shared_size": 3, "expert_size": 3})
+        with torch.no_grad():
+            refit_down_projections(block, [x], [y], 1e-2, weights=weights)
+        fits.append(torch.cat([down.weight for down in down_projections(block)], dim=1))
+    assert torch.equal(fits[0], fits[1])
+    assert torch.allclose(fits[2], fits[3], atol=1e-5) and not torch.allclose(fits[0], fits[3], atol=1e-5)
+
+
+def test_residual_token_weights_are_inverse_energies_with_mean_one_over_every_batch():
+    residual = [torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]), torch.tensor([[[0.0, 4.0]]])]
+    weights = residual_token_weights("residual", residual)
+    inverse = torch.tensor([1.0, 0.25, 0.0625])
+    assert [len(w) for w in weights] == [2, 1]
+    assert torch.allclose(torch.cat(weights), inverse / inverse.mean())
+
+
+def test_a_weighted_refit_carve_is_deterministic_differs_from_the_uniform_one_and_is_checked(tmp_path):
+    windows = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    carves = [
+        _carve_tiny("S1A1E4", windows, router="linear", refit_down=True, refit_drift=0.5, refit_weighting=weighting)
+        for weighting in ("residual", "residual", "uniform")
+    ]
+    first, again, uniform = (model.state_dict() for model in carves)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], uniform[key]) for key in first)
+    shape = MoEShape.parse("S1A1E4")
+    with pytest.raises(CmoeError, match="--refit-weighting heavy: expected one of uniform, residual"):
+        CarveOptions(shape, refit_down=True, refit_weighting="heavy")
+    with pytest.raises(CmoeError, match="add --refit-down"):
+        CarveOptions(shape, refit_weighting="residual")
+    with pytest.raises(CmoeError, match="not with --refit-router"):
+        CarveOptions(shape, router="linear", refit_down=True, refit_router=True, refit_weighting="residual")
+    with pytest.raises(CmoeError, match="not with --refit-weighting"):
+        CarveOptions(shape, refit_down=True, shared_width="adaptive", refit_weighting="residual")
+
+
+def test_router_refit_keeps_a_block_that_already_matches_its_targets():
+    """Nothing to improve (the block's outputs are its targets): the stage restores the first fit exactly."""
+    from types import SimpleNamespace
+
+    from cmoe.pipeline.sequential import LayerWork
+    from cmoe.pipeline.stages import RefitRouter
+
+    block = _random_block({"num_experts": 4, "top_k": 2, "shared_size": 3, "expert_size": 3})
+    x = torch.randn(64, 10)
+    with torch.no_grad():
+        target = block(x)
+    before = {key: value.clone() for key, value in block.state_dict().items()}
+    carved = [down.weight.detach().clone() for down in down_projections(block)]
+    work = LayerWork(0, None, None, inputs=[x], outputs=[target], block=block, block_outputs=[target.clone()])
+    work.carved_down = carved
+    stage = RefitRouter(1e-2, "mean", gate_value=1.0, logit_factor=1.0)
+    stage.layer(SimpleNamespace(timer=cmoe.StageTimer()), work)
+    assert all(torch.equal(before[key], value) for key, value in block.state_dict().items())
+    assert stage.errors[0]["before"] == 0.0 and stage.errors[0]["after"] >= 0.0

@@ -80,10 +80,11 @@ def routed_pieces(block: CMoEBlock, x: torch.Tensor) -> list[Piece]:
 
 @torch.no_grad()
 def refit_down_projections(
-    block: CMoEBlock, inputs: list, outputs: list, ridge: float, scale: str = "mean"
+    block: CMoEBlock, inputs: list, outputs: list, ridge: float, scale: str = "mean", weights: list | None = None
 ) -> list[torch.Tensor]:
     """Replace every down projection of `block` by the least-squares fit (see cmoe.numerics.refit) of the dense
-    outputs `outputs` from its inputs `inputs` (lists of batches, any leading shape), routing fixed.
+    outputs `outputs` from its inputs `inputs` (lists of batches, any leading shape), routing fixed; each
+    token's squared error counts `weights` times (one flat (tokens,) tensor per batch; uniform if None).
 
     Returns the refitted block's outputs on `inputs` (fp32, CPU), computed from the hidden states the
     fit already needed, which are kept (tokens x active neurons) until then: no second pass.
@@ -103,9 +104,13 @@ def refit_down_projections(
     for x, y in zip(inputs, outputs):
         x = x.reshape(-1, hidden_size).to(weight.device, weight.dtype)
         pieces = routed_pieces(block, x)
-        accumulate_normal_equations(
-            gram, cross, pieces, offsets, y.reshape(-1, hidden_size).to(weight.device, torch.float32)
-        )
+        y = y.reshape(-1, hidden_size).to(weight.device, torch.float32)
+        if weights is None:
+            accumulate_normal_equations(gram, cross, pieces, offsets, y)
+        else:
+            root = weights[len(kept)].to(weight.device, torch.float32).sqrt()
+            weighted = [Piece(piece.features * root[piece.rows, None], piece.rows) for piece in pieces]
+            accumulate_normal_equations(gram, cross, weighted, offsets, y * root[:, None])
         kept.append([Piece(piece.features.cpu(), piece.rows.cpu()) for piece in pieces])
     initial = torch.cat([down.weight for down in downs], dim=1)
     fitted = gram.solve(cross, initial, ridge, scale)

@@ -312,18 +312,29 @@ class Refit(Stage):
         "drop --profile or pass --no-refit-down"
     )
 
-    def __init__(self, ridge: float, scale: str, keep_carved: bool = False):
+    def __init__(self, ridge: float, scale: str, keep_carved: bool = False, weighting: str = "uniform"):
         self.ridge = ridge
         self.scale = scale
         self.keep_carved = keep_carved
+        self.weighting = weighting
 
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         with pipeline.timer.stage(self.name):
             if self.keep_carved:
                 work.carved_down = [down.weight.detach().clone() for down in down_projections(work.block)]
+            weights = None
+            if self.weighting != "uniform":
+                weights = residual_token_weights(self.weighting, [batch.hidden for batch in pipeline.runner.batches])
             work.block_outputs = refit_down_projections(
-                work.block.to(pipeline.device), work.inputs, work.fit_targets, self.ridge, self.scale
+                work.block.to(pipeline.device), work.inputs, work.fit_targets, self.ridge, self.scale, weights
             )
+
+
+def residual_token_weights(rule: str, residual: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each batch's (tokens,) weights under `rule` from its residual stream's energies, scaled to mean 1
+    over every batch's tokens together."""
+    energies = [hidden.reshape(-1, hidden.shape[-1]).float().square().sum(dim=1) for hidden in residual]
+    return list(token_weights(rule, torch.cat(energies)).split([len(energy) for energy in energies]))
 
 
 def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -624,7 +635,14 @@ def carve_stages(options: CarveOptions, profile: Path | None = None, batch_size:
     if options.flat_gate:
         stages.append(FlattenGate(options.shape.active))
     if options.refit_down:
-        stages.append(Refit(options.refit_ridge, options.refit_ridge_scale, keep_carved=options.refit_router))
+        stages.append(
+            Refit(
+                options.refit_ridge,
+                options.refit_ridge_scale,
+                keep_carved=options.refit_router,
+                weighting=options.refit_weighting,
+            )
+        )
     if options.refit_router:
         gate_value = 1.0 / options.shape.active if options.flat_gate else 1.0
         logit_factor = FLAT_GATE_FACTOR if options.flat_gate else 1.0
