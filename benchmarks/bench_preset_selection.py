@@ -72,12 +72,6 @@ CANDIDATES: dict[str, dict] = {
         "refit_weighting": "residual",
         "nsamples": 8,
     },
-    "quality + 32 windows + drift 0.5 + residual weighting": {
-        **QUALITY_BEFORE_DRIFT,
-        "refit_drift": 0.5,
-        "refit_weighting": "residual",
-        "nsamples": 32,
-    },
     "quality + ridge 0.3 + reconstruction 50 steps": {
         **QUALITY_BEFORE_DRIFT,
         "refit_ridge": 0.3,

@@ -73,8 +73,6 @@ _CHOICES = {
     "reconstruct_weighting": TOKEN_WEIGHTINGS,
     "refit_ridge_scale": RIDGE_SCALES,
 }
-# Options that choose from a registry another option names its own.
-_SHARED_CHOICES = {"refit_weighting": (TOKEN_WEIGHTINGS, "--refit-weighting")}
 
 
 @dataclass(frozen=True)
@@ -117,8 +115,7 @@ class CarveOptions:
         self.shape.validated()
         for name, registry in _CHOICES.items():
             registry.check(getattr(self, name))
-        for name, (registry, flag) in _SHARED_CHOICES.items():
-            registry.check(getattr(self, name), flag)
+        TOKEN_WEIGHTINGS.check(self.refit_weighting, "--refit-weighting")  # the reconstruction's registry
         self._check_active_per_layer()
         check_integer("ka", self.ka, 1)
         check_integer("kmeans_iterations", self.kmeans_iterations, 0)

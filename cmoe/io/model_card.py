@@ -316,8 +316,8 @@ def _carved_description(record: dict, config: CMoEConfig) -> str:
         method += ", routed outputs rescaled by n/k"
     if record.get("refit_down"):
         method += ", down projections refitted by least squares on the calibration tokens"
-    if record.get("refit_down") and record.get("refit_weighting", "uniform") != "uniform":
-        method += f" ({record['refit_weighting']} token weighting)"
+        if record.get("refit_weighting", "uniform") != "uniform":
+            method += f" ({record['refit_weighting']} token weighting)"
     if record.get("refit_drift"):
         method += f", fitted towards the dense model's layer outputs (drift {record['refit_drift']:g})"
     if record.get("refit_router"):

@@ -101,14 +101,14 @@ def refit_down_projections(
         gram = DenseGram(sizes, weight.device)
     cross = torch.zeros(sum(sizes), hidden_size, dtype=torch.float64, device=weight.device)
     kept = []
-    for x, y in zip(inputs, outputs):
+    for x, y, batch_weights in zip(inputs, outputs, weights or [None] * len(inputs), strict=True):
         x = x.reshape(-1, hidden_size).to(weight.device, weight.dtype)
         pieces = routed_pieces(block, x)
         y = y.reshape(-1, hidden_size).to(weight.device, torch.float32)
-        if weights is None:
+        if batch_weights is None:
             accumulate_normal_equations(gram, cross, pieces, offsets, y)
         else:
-            root = weights[len(kept)].to(weight.device, torch.float32).sqrt()
+            root = batch_weights.to(weight.device, torch.float32).sqrt()
             weighted = [Piece(piece.features * root[piece.rows, None], piece.rows) for piece in pieces]
             accumulate_normal_equations(gram, cross, weighted, offsets, y * root[:, None])
         kept.append([Piece(piece.features.cpu(), piece.rows.cpu()) for piece in pieces])
