@@ -425,10 +425,8 @@ class Reconstruct(LayerErrorLog):
             hidden = work.inputs[0].shape[-1]
             inputs = torch.cat([x.reshape(-1, hidden) for x in work.inputs]).float()
             targets = torch.cat([y.reshape(-1, hidden) for y in work.fit_targets]).float()
-            energy = torch.cat(
-                [batch.hidden.reshape(-1, hidden).float().square().sum(dim=1) for batch in pipeline.runner.batches]
-            )
-            weights = token_weights(options.reconstruct_weighting, energy)
+            residual = [batch.hidden for batch in pipeline.runner.batches]
+            weights = torch.cat(residual_token_weights(options.reconstruct_weighting, residual))
             before, after, outputs = reconstruct_block(
                 work.block,
                 inputs,
