@@ -69,7 +69,16 @@ VARIANTS: dict[str, dict] = {
             **RECONSTRUCTION_50_STEPS,
             "reconstruct_steps": steps,
         }
-        for steps in (25, 50, 100)
+        for steps in (25, 50, 100, 400)
+    },
+    **{
+        f"--preset quality --refit-router --reconstruct-steps {steps}": {
+            "preset": "quality",
+            "refit_router": True,
+            **RECONSTRUCTION_50_STEPS,
+            "reconstruct_steps": steps,
+        }
+        for steps in (100, 400)
     },
 }
 CARVE_STAGES = (
