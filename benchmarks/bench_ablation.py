@@ -64,21 +64,13 @@ VARIANTS: dict[str, dict] = {
         f"--preset quality --refit-drift {drift:g}": {"preset": "quality", "refit_drift": drift} for drift in (0.5, 1.0)
     },
     **{
-        f"--preset quality --reconstruct-steps {steps}": {
+        f"--preset quality{' --refit-router' * refit_router} --reconstruct-steps {steps}": {
             "preset": "quality",
+            "refit_router": refit_router,
             **RECONSTRUCTION_50_STEPS,
             "reconstruct_steps": steps,
         }
-        for steps in (25, 50, 100, 400)
-    },
-    **{
-        f"--preset quality --refit-router --reconstruct-steps {steps}": {
-            "preset": "quality",
-            "refit_router": True,
-            **RECONSTRUCTION_50_STEPS,
-            "reconstruct_steps": steps,
-        }
-        for steps in (100, 400)
+        for refit_router, steps in ((False, 25), (False, 50), (False, 100), (False, 400), (True, 100), (True, 400))
     },
 }
 CARVE_STAGES = (
