@@ -64,13 +64,23 @@ VARIANTS: dict[str, dict] = {
         f"--preset quality --refit-drift {drift:g}": {"preset": "quality", "refit_drift": drift} for drift in (0.5, 1.0)
     },
     **{
-        f"--preset quality{' --refit-router' * refit_router} --reconstruct-steps {steps}": {
+        f"--preset quality{' --refit-router' * refit_router} --reconstruct-steps {steps}"
+        + (f" --reconstruct-lr {lr:g}" if lr != RECONSTRUCTION_50_STEPS["reconstruct_lr"] else ""): {
             "preset": "quality",
             "refit_router": refit_router,
             **RECONSTRUCTION_50_STEPS,
             "reconstruct_steps": steps,
+            "reconstruct_lr": lr,
         }
-        for refit_router, steps in ((False, 25), (False, 50), (False, 100), (False, 400), (True, 100), (True, 400))
+        for refit_router, steps, lr in (
+            (False, 25, 3e-4),
+            (False, 50, 3e-4),
+            (False, 100, 3e-4),
+            (False, 400, 3e-4),
+            (True, 100, 3e-4),
+            (True, 400, 3e-4),
+            (True, 100, 1e-3),
+        )
     },
 }
 CARVE_STAGES = (
@@ -233,8 +243,8 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "A --budget-from row carves twice (the options in brackets, then the row's with that carve's active "
         "experts per layer) and its carve time is both passes'. `--router linear --budget adaptive` was "
         "`--preset quality` before `--refit-down` existed. Every --reconstruct-steps row also passes "
-        f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g} "
-        f"--reconstruct-parts {RECONSTRUCTION_50_STEPS['reconstruct_parts']}.",
+        f"--reconstruct-parts {RECONSTRUCTION_50_STEPS['reconstruct_parts']} and, unless it names another, "
+        f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g}.",
         "",
         f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | "
         "carve / dense forward |",

@@ -66,6 +66,15 @@ CANDIDATES: dict[str, dict] = {
         "refit_router": True,
         "nsamples": 32,
     },
+    "quality + 32 windows + drift 0.5 + router refit + reconstruction 100 steps at 1e-3": {
+        **QUALITY_BEFORE_DRIFT,
+        "refit_drift": 0.5,
+        "refit_router": True,
+        "nsamples": 32,
+        **RECONSTRUCTION_50_STEPS,
+        "reconstruct_steps": 100,
+        "reconstruct_lr": 1e-3,
+    },
     "quality + drift 0.5 + residual weighting": {
         **QUALITY_BEFORE_DRIFT,
         "refit_drift": 0.5,

@@ -246,8 +246,9 @@ def layer_report(all_rows: list[dict]) -> str:
 # embeddings), the last layer is neither propagated nor checkpointed, layer 0 is read once more before the
 # loop (the additivity check).
 STAGE_RUNS = {"dense_stream": -1, "propagate": -1, "resume_state": -1, "load_layer": +1}
-# Stages whose work does not grow with the calibration tokens (the assignment reads the statistics only).
-TOKEN_FREE_STAGES = ("group", "load_layer", "write")
+# Stages whose work does not grow with the calibration tokens (the assignment reads the statistics only; the
+# reconstruction's steps draw --reconstruct-tokens each, its one pass over every token is a small share).
+TOKEN_FREE_STAGES = ("group", "load_layer", "write", "reconstruct")
 LAYERS = 2
 
 

@@ -78,6 +78,24 @@ def test_a_block_that_already_matches_is_unchanged(one_thread):
     assert torch.allclose(outputs, targets, atol=1e-6)
 
 
+def test_outputs_a_stage_already_computed_are_the_starting_point_and_the_fallback(one_thread):
+    block, teacher = _block(), _block(seed=2)
+    x = torch.randn(200, 10)
+    with torch.no_grad():
+        own, targets = block(x), teacher(x)
+    before, after, _ = reconstruct_block(
+        block, x, own, torch.ones(200), "all", 0, 1e-2, 64, 0, DEVICE, initial_outputs=torch.zeros_like(own)
+    )
+    assert before == pytest.approx(1.0) and after < 1e-12
+    before_state = _state(block)
+    before, after, outputs = reconstruct_block(
+        block, x, targets, torch.ones(200), "all", 5, 1e-2, 64, 0, DEVICE, initial_outputs=targets
+    )
+    assert before == after == 0.0 and outputs is targets
+    for name, tensor in block.state_dict().items():
+        assert torch.equal(tensor, before_state[name]), name
+
+
 @pytest.mark.parametrize("parts", list(RECONSTRUCTED_PARTS))
 def test_the_objective_falls_and_only_the_chosen_parts_move(parts, one_thread):
     block, teacher = _block(seed=1), _block(seed=2)

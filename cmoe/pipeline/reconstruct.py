@@ -62,15 +62,22 @@ def reconstruct_block(
     tokens_per_step: int,
     seed: int,
     device: torch.device,
+    initial_outputs: torch.Tensor | None = None,
 ) -> tuple[float, float, torch.Tensor]:
     """Train `block` in place for `steps` Adam steps of `tokens_per_step` tokens drawn (seeded) from
     `inputs` (T, d), towards `targets` (T, d), tokens weighted by `weights` (T,). A block that ends no
-    better on all the tokens is given back as it came. Returns the relative error on every token before
-    and after, and the block's outputs after (fp32, CPU)."""
+    better on all the tokens is given back as it came, with its outputs as they came. Returns the
+    relative error on every token before and after, and the block's outputs after (fp32, CPU).
+
+    `initial_outputs` (T, d) are the block's outputs on `inputs` as it comes, when a stage already
+    computed them (the refit does): one pass over every calibration token fewer, of the two the
+    reconstruction's fixed cost is made of."""
     dtype = next(block.parameters()).dtype
     initial = {name: tensor.clone() for name, tensor in block.state_dict().items()}
     block.to(device, torch.float32)
-    initial_outputs = _outputs(block, inputs, device)
+    if initial_outputs is None:
+        initial_outputs = _outputs(block, inputs, device)
+    initial_outputs = initial_outputs.float()
     before = float(relative_error(initial_outputs, targets, weights))
     parameters = RECONSTRUCTED_PARTS.get(parts)(block)
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
@@ -90,5 +97,5 @@ def reconstruct_block(
     after = float(relative_error(outputs, targets, weights))
     if after >= before:
         block.load_state_dict(initial)
-        return before, before, _outputs(block, inputs, device)
+        return before, before, initial_outputs
     return before, after, outputs

@@ -427,6 +427,9 @@ class Reconstruct(LayerErrorLog):
             targets = torch.cat([y.reshape(-1, hidden) for y in work.fit_targets]).float()
             residual = [batch.hidden for batch in pipeline.runner.batches]
             weights = torch.cat(residual_token_weights(options.reconstruct_weighting, residual))
+            initial_outputs = None
+            if work.block_outputs is not None:
+                initial_outputs = torch.cat([out.reshape(-1, hidden) for out in work.block_outputs])
             before, after, outputs = reconstruct_block(
                 work.block,
                 inputs,
@@ -438,6 +441,7 @@ class Reconstruct(LayerErrorLog):
                 options.reconstruct_tokens,
                 layer_seed(options.seed, work.index),
                 pipeline.device,
+                initial_outputs,
             )
         pieces = outputs.split([x.shape[:-1].numel() for x in work.inputs])
         work.block_outputs = [piece.view(x.shape) for piece, x in zip(pieces, work.inputs)]
