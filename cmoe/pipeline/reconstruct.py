@@ -69,7 +69,7 @@ def reconstruct_block(
     better on all the tokens is given back as it came, with its outputs as they came. Returns the
     relative error on every token before and after, and the block's outputs after (fp32, CPU).
 
-    `initial_outputs` (T, d) are the block's outputs on `inputs` as it comes, when a stage already
+    `initial_outputs` (T, d, fp32) are the block's outputs on `inputs` as it comes, when a stage already
     computed them (the refit does): one pass over every calibration token fewer, of the two the
     reconstruction's fixed cost is made of."""
     dtype = next(block.parameters()).dtype
@@ -77,7 +77,6 @@ def reconstruct_block(
     block.to(device, torch.float32)
     if initial_outputs is None:
         initial_outputs = _outputs(block, inputs, device)
-    initial_outputs = initial_outputs.float()
     before = float(relative_error(initial_outputs, targets, weights))
     parameters = RECONSTRUCTED_PARTS.get(parts)(block)
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)

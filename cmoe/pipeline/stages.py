@@ -422,18 +422,12 @@ class Reconstruct(LayerErrorLog):
     def layer(self, pipeline: Pipeline, work: LayerWork) -> None:
         options = self.options
         with pipeline.timer.stage(self.name):
-            hidden = work.inputs[0].shape[-1]
-            inputs = torch.cat([x.reshape(-1, hidden) for x in work.inputs]).float()
-            targets = torch.cat([y.reshape(-1, hidden) for y in work.fit_targets]).float()
             residual = [batch.hidden for batch in pipeline.runner.batches]
             weights = torch.cat(residual_token_weights(options.reconstruct_weighting, residual))
-            initial_outputs = None
-            if work.block_outputs is not None:
-                initial_outputs = torch.cat([out.reshape(-1, hidden) for out in work.block_outputs])
             before, after, outputs = reconstruct_block(
                 work.block,
-                inputs,
-                targets,
+                _token_rows(work.inputs),
+                _token_rows(work.fit_targets),
                 weights,
                 options.reconstruct_parts,
                 options.reconstruct_steps,
@@ -441,7 +435,7 @@ class Reconstruct(LayerErrorLog):
                 options.reconstruct_tokens,
                 layer_seed(options.seed, work.index),
                 pipeline.device,
-                initial_outputs,
+                None if work.block_outputs is None else _token_rows(work.block_outputs),
             )
         pieces = outputs.split([x.shape[:-1].numel() for x in work.inputs])
         work.block_outputs = [piece.view(x.shape) for piece, x in zip(pieces, work.inputs)]
@@ -503,11 +497,15 @@ BUDGETS.register(
 )
 
 
+def _token_rows(tensors: list[torch.Tensor], stride: int = 1) -> torch.Tensor:
+    """Every stride-th token of the batches, as (tokens, features) in fp32."""
+    return torch.cat([tensor.reshape(-1, tensor.shape[-1])[::stride].float() for tensor in tensors])
+
+
 def _sampled_rows(tensors: list[torch.Tensor], limit: int) -> torch.Tensor:
     """Every stride-th token of the batches (at most about `limit`), as (tokens, features) in fp32."""
     total = sum(tensor.shape[:-1].numel() for tensor in tensors)
-    stride = max(1, -(-total // limit))
-    return torch.cat([tensor.reshape(-1, tensor.shape[-1])[::stride].float() for tensor in tensors])
+    return _token_rows(tensors, max(1, -(-total // limit)))
 
 
 def shared_candidates(shape: MoEShape) -> list[MoEShape]:
