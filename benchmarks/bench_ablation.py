@@ -77,9 +77,11 @@ VARIANTS: dict[str, dict] = {
             (False, 50, 3e-4),
             (False, 100, 3e-4),
             (False, 400, 3e-4),
+            (False, 50, 1e-3),
             (True, 100, 3e-4),
             (True, 400, 3e-4),
             (True, 100, 1e-3),
+            (True, 400, 1e-3),
         )
     },
 }

@@ -75,6 +75,13 @@ CANDIDATES: dict[str, dict] = {
         "reconstruct_steps": 100,
         "reconstruct_lr": 1e-3,
     },
+    "quality + 32 windows + drift 0.5 + reconstruction 50 steps at 1e-3": {
+        **QUALITY_BEFORE_DRIFT,
+        "refit_drift": 0.5,
+        "nsamples": 32,
+        **RECONSTRUCTION_50_STEPS,
+        "reconstruct_lr": 1e-3,
+    },
     "quality + drift 0.5 + residual weighting": {
         **QUALITY_BEFORE_DRIFT,
         "refit_drift": 0.5,

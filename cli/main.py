@@ -439,7 +439,7 @@ def carve(
         ),
     ] = None,
     reconstruct_lr: Annotated[
-        Optional[float], typer.Option("--reconstruct-lr", help="Adam learning rate of --reconstruct-steps (1e-4).")
+        Optional[float], typer.Option("--reconstruct-lr", help="Adam learning rate of --reconstruct-steps (1e-3).")
     ] = None,
     reconstruct_tokens: Annotated[
         Optional[int],
@@ -449,7 +449,7 @@ def carve(
         Optional[str],
         typer.Option(
             "--reconstruct-parts",
-            help=_choices(RECONSTRUCTED_PARTS, "What --reconstruct-steps trains (default all)."),
+            help=_choices(RECONSTRUCTED_PARTS, "What --reconstruct-steps trains (default experts)."),
         ),
     ] = None,
     reconstruct_weighting: Annotated[
