@@ -104,8 +104,8 @@ class CarveOptions:
     gating: str = "cmoe"
     flat_gate: bool = False
     reconstruct_steps: int = 0
-    # The measured recipe (benchmarks/RESULTS.md): the experts alone at 1e-3 match 400 steps at 3e-4 in 100,
-    # and tie with it at 400; router training gained nothing measurable.
+    # The measured recipe (benchmarks/RESULTS.md): training the experts at 1e-3, 100 steps do about what 400 do
+    # at 3e-4 and 400 steps tie with them; training the router gained nothing measurable.
     reconstruct_lr: float = 1e-3
     reconstruct_tokens: int = 1024
     reconstruct_parts: str = "experts"
