@@ -16,6 +16,7 @@ is written from every row of the log.
 
 import argparse
 from collections import Counter
+from dataclasses import fields
 import copy
 import json
 import tempfile
@@ -121,6 +122,20 @@ def carve(dense, calibration: torch.Tensor, shape_name: str, variant: dict) -> t
     timer = cmoe.StageTimer()
     carved = cmoe.carve_model(copy.deepcopy(dense), calibration, options, timer=timer)
     return carved, options, timer.seconds
+
+
+def preset_note() -> str:
+    """What `--preset quality` adds on sparse shapes, which its rows at those shapes include."""
+    import cmoe
+
+    quality = cmoe.PRESETS.get("quality")
+    defaults = {item.name: item.default for item in fields(cmoe.CarveOptions)}
+    added = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in quality.sparse.items())
+    return (
+        f"A `--preset quality` row at a shape that keeps at most {quality.sparse_fraction:.0%} of the FFN active "
+        f"(S1A1E8) includes the preset's {added} (at the defaults --reconstruct-lr {defaults['reconstruct_lr']:g} "
+        f"--reconstruct-parts {defaults['reconstruct_parts']}); rows measured before 2026-12-08 do not."
+    )
 
 
 def router_multiply_adds(options, specs, hidden_size: int) -> float:
@@ -246,7 +261,7 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "experts per layer) and its carve time is both passes'. `--router linear --budget adaptive` was "
         "`--preset quality` before `--refit-down` existed. Every --reconstruct-steps row also passes "
         f"--reconstruct-parts {RECONSTRUCTION_50_STEPS['reconstruct_parts']} and, unless it names another, "
-        f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g}.",
+        f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g}. {preset_note()}",
         "",
         f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | "
         "carve / dense forward |",

@@ -435,7 +435,8 @@ def carve(
         typer.Option(
             "--reconstruct-steps",
             help="Optimiser steps per layer that train its MoE block towards the dense FFN's outputs on the "
-            "calibration tokens, after the refit (0: off, the default; sequential carving and --budget uniform only).",
+            "calibration tokens, after the refit (0: off, the default; --preset quality: 50 where the shape keeps at "
+            "most 25% of the FFN active; sequential carving and --budget uniform only).",
         ),
     ] = None,
     reconstruct_lr: Annotated[

@@ -42,19 +42,41 @@ LINEAR_ROUTERS = ("linear", "linear-gate")
 @dataclass(frozen=True)
 class Preset:
     """A measured set of carve options and the calibration windows they were chosen with: `calibration`
-    fills the Calibration fields a fresh carve does not give (a replay keeps its recipe's windows)."""
+    fills the Calibration fields a fresh carve does not give (a replay keeps its recipe's windows). `sparse`
+    adds options for shapes that keep at most `sparse_fraction` of the FFN active: what pays within the
+    preset's carve budget there (the less a carve keeps, the more is left to recover) but not at every size."""
 
     options: dict
     calibration: dict = field(default_factory=dict)
+    sparse: dict = field(default_factory=dict)
+    sparse_fraction: float = 0.0
+
+    def options_for(self, shape: MoEShape) -> dict:
+        if isinstance(shape, MoEShape) and shape.active_fraction <= self.sparse_fraction:
+            return {**self.options, **self.sparse}
+        return dict(self.options)
+
+    @property
+    def option_names(self) -> set[str]:
+        """Every option this preset may set, whatever the shape."""
+        return set(self.options) | set(self.sparse)
 
 
 PRESETS: Registry[Preset] = Registry("preset", "--preset")
 PRESETS.register("reference", "the CMoE reference, faithfully", Preset({}))
+QUALITY = Preset(
+    {"router": "linear", "refit_down": True, "refit_drift": 0.5},
+    {"nsamples": 32},
+    sparse={"reconstruct_steps": 50},
+    sparse_fraction=0.25,
+)
 PRESETS.register(
     "quality",
     "linear router + least-squares down-projection refit halfway towards the dense stream (--refit-drift 0.5) "
-    "on 32 calibration windows, chosen on held-out calibration-domain text (sequential carving only)",
-    Preset({"router": "linear", "refit_down": True, "refit_drift": 0.5}, {"nsamples": 32}),
+    f"on 32 calibration windows, plus {QUALITY.sparse['reconstruct_steps']} block-reconstruction steps "
+    f"(--reconstruct-steps) where the shape keeps at most {QUALITY.sparse_fraction:.0%} of the FFN active (e.g. "
+    "S1A1E8); chosen on held-out calibration-domain text within 3x one dense forward (sequential carving only)",
+    QUALITY,
 )
 
 _CHOICES = {
@@ -227,9 +249,10 @@ class CarveOptions:
         values = given(explicit)
         reject_unknown_keys(type(self), values, "carve options")
         if preset is not None:
-            old_options = PRESETS.get(self.preset).options
-            defaults = {item.name: item.default for item in fields(self) if item.name in old_options}
-            values = {**defaults, **PRESETS.get(preset).options, "preset": preset, **values}
+            old_names = PRESETS.get(self.preset).option_names
+            defaults = {item.name: item.default for item in fields(self) if item.name in old_names}
+            chosen = PRESETS.get(preset).options_for(values.get("shape", self.shape))
+            values = {**defaults, **chosen, "preset": preset, **values}
         return replace(self, **values)
 
     def check(self, intermediate_size: int, num_layers: int) -> None:

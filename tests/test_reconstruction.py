@@ -157,6 +157,13 @@ def test_a_carve_with_reconstruction_records_lower_errors_and_replays_to_the_sam
     assert not torch.equal(cmoe.load_carved(tmp_path / "a")(ids).logits, cmoe.load_carved(tmp_path / "c")(ids).logits)
 
 
+def test_the_quality_preset_reconstructs_a_carve_that_keeps_a_quarter_active(tiny_model_dir, tmp_path, one_thread):
+    options = CarveOptions.resolved(MoEShape.parse("S1A1E8"), "quality")
+    recipe = run_carve(str(tiny_model_dir), tmp_path / "q", options, _calibration(), compute=CPU)
+    assert recipe["recipe"]["options"]["reconstruct_steps"] == 50
+    assert all(row["after"] < row["before"] for row in recipe["reconstruction_error"])
+
+
 def test_reconstruction_refuses_what_it_cannot_do(tiny_model_dir, tmp_path):
     shape = MoEShape.parse("S1A2E8")
     with pytest.raises(CmoeError, match="--budget uniform"):
