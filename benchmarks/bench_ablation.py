@@ -16,7 +16,6 @@ is written from every row of the log.
 
 import argparse
 from collections import Counter
-from dataclasses import fields
 import copy
 import json
 import tempfile
@@ -124,20 +123,6 @@ def carve(dense, calibration: torch.Tensor, shape_name: str, variant: dict) -> t
     return carved, options, timer.seconds
 
 
-def preset_note() -> str:
-    """What `--preset quality` adds on sparse shapes, which its rows at those shapes include."""
-    import cmoe
-
-    quality = cmoe.PRESETS.get("quality")
-    defaults = {item.name: item.default for item in fields(cmoe.CarveOptions)}
-    added = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in quality.sparse.items())
-    return (
-        f"A `--preset quality` row at a shape that keeps at most {quality.sparse_fraction:.0%} of the FFN active "
-        f"(S1A1E8) includes the preset's {added} (at the defaults --reconstruct-lr {defaults['reconstruct_lr']:g} "
-        f"--reconstruct-parts {defaults['reconstruct_parts']}); rows measured before 2026-12-08 do not."
-    )
-
-
 def router_multiply_adds(options, specs, hidden_size: int) -> float:
     """Per token and layer, mean over layers: the analytic router computes 2 rows per routed expert, the
     linear one 1."""
@@ -220,6 +205,7 @@ def main() -> None:
                 "active_experts_per_layer": [spec.top_k for spec in carved.config.layer_specs],
                 "shared_experts_per_layer": shared_experts_per_layer(carved.config, options.shape.experts),
                 "router_madds": router_multiply_adds(options, carved.config.layer_specs, config.hidden_size),
+                "reconstruct_steps": options.reconstruct_steps,
                 **{name: perplexity(carved, windows) for name, windows in evaluations.items()},
             }
             rows.append(row)
@@ -261,7 +247,8 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         "experts per layer) and its carve time is both passes'. `--router linear --budget adaptive` was "
         "`--preset quality` before `--refit-down` existed. Every --reconstruct-steps row also passes "
         f"--reconstruct-parts {RECONSTRUCTION_50_STEPS['reconstruct_parts']} and, unless it names another, "
-        f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g}. {preset_note()}",
+        f"--reconstruct-lr {RECONSTRUCTION_50_STEPS['reconstruct_lr']:g}; a row whose options end in (+ the preset's N "
+        "steps) had them from `--preset quality` (at 25% active or less) at the option defaults.",
         "",
         f"| config | options | active neurons | FFN madds | {wiki} ppl | gap | {stories} ppl | gap | carve (s) | "
         "carve / dense forward |",
@@ -271,8 +258,11 @@ def report(dense: dict, rows: list, args, config, evaluations: dict) -> str:
         madds = 3 * config.hidden_size * row["active_neurons"] + row["router_madds"]
         ratio = row.get("carve_over_dense_forward")
         ratio_text = f"{ratio:.2f}x" if ratio else f"{row['carve_s'] / row['dense_forward_s']:.2f}x*"
+        steps = row.get("reconstruct_steps", 0)
+        from_preset = steps and "--reconstruct-steps" not in row["variant"]
+        preset_steps = f" (+ the preset's {steps} steps)" if from_preset else ""
         lines.append(
-            f"| {row['config']} | {row['variant']} | {row['active_neurons']:g} | {madds:,.0f} | "
+            f"| {row['config']} | {row['variant']}{preset_steps} | {row['active_neurons']:g} | {madds:,.0f} | "
             f"{row[wiki]:.2f} | {row[wiki] / dense[wiki] - 1:.2f} | {row[stories]:.2f} | "
             f"{row[stories] / dense[stories] - 1:.2f} | {row['carve_s']:.1f} | {ratio_text} |"
         )

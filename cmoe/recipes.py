@@ -56,11 +56,6 @@ class Preset:
             return {**self.options, **self.sparse}
         return dict(self.options)
 
-    @property
-    def option_names(self) -> set[str]:
-        """Every option this preset may set, whatever the shape."""
-        return set(self.options) | set(self.sparse)
-
 
 PRESETS: Registry[Preset] = Registry("preset", "--preset")
 PRESETS.register("reference", "the CMoE reference, faithfully", Preset({}))
@@ -184,7 +179,8 @@ class CarveOptions:
         if self.refit_down and self.budget == "adaptive":
             raise CmoeError(
                 "--refit-down fits each layer for its number of active experts, which --budget adaptive only fixes "
-                "after the last layer: pass --budget uniform or --no-refit-down"
+                "after the last layer: pass --budget uniform, or --no-refit-down (and --reconstruct-steps 0 where "
+                "--preset quality sets it)"
             )
         self._check_shared_width()
         if self.reconstruct_steps and self.budget == "adaptive":
@@ -245,11 +241,12 @@ class CarveOptions:
 
     def with_overrides(self, preset: str | None = None, **explicit) -> "CarveOptions":
         """These options with a preset (when one is named) and then the explicit values over them. A new
-        preset first returns the old preset's options to their defaults, so that none of it lingers."""
+        preset first returns what the old preset set at this shape to the defaults, so that none of it lingers
+        (and an option the old preset did not set, given explicitly then, is kept)."""
         values = given(explicit)
         reject_unknown_keys(type(self), values, "carve options")
         if preset is not None:
-            old_names = PRESETS.get(self.preset).option_names
+            old_names = PRESETS.get(self.preset).options_for(self.shape)
             defaults = {item.name: item.default for item in fields(self) if item.name in old_names}
             chosen = PRESETS.get(preset).options_for(values.get("shape", self.shape))
             values = {**defaults, **chosen, "preset": preset, **values}

@@ -132,6 +132,11 @@ CAL = ["--data", str(TINYSTORIES_TRAIN), "--nsamples", "2", "--seqlen", "64", "-
             "not with --shared-width adaptive",
         ),
         (["carve", M, "-o", "{out}", "--preset", "quality", "--profile", "{tmp}/short.txt"], "--no-refit-down"),
+        (
+            ["carve", M, "-o", "{out}", "--preset", "quality", "--config", "S1A1E8", "--no-refit-down"]
+            + ["--profile", "{tmp}/short.txt"],
+            "--reconstruct-steps 0",
+        ),
         (["profile", M, "-o", "{out}", "--statistic", "energy", *CAL], "--statistic energy"),
     ],
 )

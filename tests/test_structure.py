@@ -75,6 +75,8 @@ def test_a_preset_adds_its_sparse_options_only_where_the_shape_keeps_little_acti
     assert carved.with_overrides(preset="reference").reconstruct_steps == 0
     assert CarveOptions.resolved(half, "quality").with_overrides(preset="quality", shape=sparse).reconstruct_steps == 50
     assert carved.with_overrides(shape=half).reconstruct_steps == 50  # a replay keeps its recipe's values
+    explicit_at_half = CarveOptions.resolved(half, "quality", reconstruct_steps=50)
+    assert explicit_at_half.with_overrides(preset="quality").reconstruct_steps == 50  # not the preset's to reset
 
 
 def test_a_preset_names_its_calibration_windows_unless_given_and_a_replay_keeps_its_own(tmp_path):

@@ -273,7 +273,7 @@ class DenseStreamTargets(Stage):
     needs = frozenset({CALIBRATION, MLP_IO})
     refusal = (
         "--refit-drift (part of --preset quality) follows the dense model's stream on calibration data: drop "
-        "--profile or pass --no-refit-down (or --refit-drift 0)"
+        "--profile or pass --refit-drift 0 (or --no-refit-down and --reconstruct-steps 0)"
     )
 
     def __init__(self, drift: float):
