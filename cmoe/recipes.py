@@ -246,8 +246,8 @@ class CarveOptions:
         values = given(explicit)
         reject_unknown_keys(type(self), values, "carve options")
         if preset is not None:
-            old_names = PRESETS.get(self.preset).options_for(self.shape)
-            defaults = {item.name: item.default for item in fields(self) if item.name in old_names}
+            old_options = PRESETS.get(self.preset).options_for(self.shape)
+            defaults = {item.name: item.default for item in fields(self) if item.name in old_options}
             chosen = PRESETS.get(preset).options_for(values.get("shape", self.shape))
             values = {**defaults, **chosen, "preset": preset, **values}
         return replace(self, **values)

@@ -66,11 +66,11 @@ def test_presets_merge_in_one_place_and_explicit_options_win():
 def test_a_preset_adds_its_sparse_options_only_where_the_shape_keeps_little_active():
     sparse, half = MoEShape.parse("S1A1E8"), MoEShape.parse("S2A2E8")
     assert (sparse.active_fraction, half.active_fraction) == (0.25, 0.5)
-    assert CarveOptions.resolved(sparse, "quality").reconstruct_steps == 50
+    carved = CarveOptions.resolved(sparse, "quality")
+    assert carved.reconstruct_steps == 50
     assert CarveOptions.resolved(half, "quality").reconstruct_steps == 0
     assert CarveOptions.resolved(sparse, "quality", reconstruct_steps=0).reconstruct_steps == 0
     assert CarveOptions.resolved(sparse, "quality", reconstruct_steps=7).reconstruct_steps == 7
-    carved = CarveOptions.resolved(sparse, "quality")
     assert carved.with_overrides(preset="quality", shape=half).reconstruct_steps == 0
     assert carved.with_overrides(preset="reference").reconstruct_steps == 0
     assert CarveOptions.resolved(half, "quality").with_overrides(preset="quality", shape=sparse).reconstruct_steps == 50
